@@ -1,0 +1,242 @@
+//! Draining the double-buffered window maps.
+//!
+//! The programs write to the window named in `CONTROL`. A drain flips it,
+//! waits for programs that already read the old value to finish (they run
+//! with preemption off and take microseconds), then reads and clears the old
+//! window's maps, which nothing writes to any more. So no sample is lost
+//! and none is counted twice.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
+
+use aya::maps::{HashMap as BpfHashMap, Map, PerCpuArray, PerCpuHashMap, StackTraceMap};
+use hearth_ebpf::{names, SampleKey, Stat, UserStack, SAMPLE_IN_KERNEL, USER_STACK_TRUNCATED};
+
+use super::loader::{set_active_window, Sampler};
+use super::{map_error, BpfError, SampleSource};
+
+/// Longer than any program run by orders of magnitude.
+const FLIP_GRACE: Duration = Duration::from_millis(5);
+
+/// One distinct (thread, stacks) pair of a window and its sample count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawSample {
+    pub tgid: u32,
+    pub tid: u32,
+    /// Thread name at sample time.
+    pub comm: String,
+    /// Key into [`RawWindow::user_stacks`]; 0 when the thread had no user
+    /// stack (a kernel thread).
+    pub user_stack: u64,
+    /// Key into [`RawWindow::kernel_stacks`]; `None` when the sample
+    /// interrupted user mode.
+    pub kernel_stack: Option<u32>,
+    /// The sample interrupted kernel mode.
+    pub in_kernel: bool,
+    pub count: u64,
+}
+
+/// A user stack as the kernel walked it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawUserStack {
+    /// Leaf first: the interrupted ip, then return addresses.
+    pub ips: Vec<u64>,
+    /// The walk stopped at the depth limit.
+    pub truncated: bool,
+}
+
+/// Kernel-side counters, as deltas over one window (or totals).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BpfStats {
+    pub counts: [u64; Stat::COUNT as usize],
+}
+
+impl BpfStats {
+    pub fn get(&self, stat: Stat) -> u64 {
+        self.counts[stat as usize]
+    }
+
+    pub fn add(&mut self, other: &BpfStats) {
+        for (a, b) in self.counts.iter_mut().zip(other.counts) {
+            *a += b;
+        }
+    }
+
+    /// Samples lost entirely (no count recorded).
+    pub fn lost(&self) -> u64 {
+        self.get(Stat::DropCountsFull) + self.get(Stat::MapLookupFailed)
+    }
+
+    /// (name, value) for every counter.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        Stat::ALL.iter().map(|&s| (s.name(), self.get(s)))
+    }
+}
+
+/// Everything sampled in one window.
+#[derive(Debug, Clone)]
+pub struct RawWindow {
+    pub start: SystemTime,
+    pub end: SystemTime,
+    pub samples: Vec<RawSample>,
+    pub user_stacks: HashMap<u64, RawUserStack>,
+    /// Leaf first.
+    pub kernel_stacks: HashMap<u32, Vec<u64>>,
+    pub stats: BpfStats,
+}
+
+impl SampleSource for Sampler {
+    fn drain(&mut self) -> Result<RawWindow, BpfError> {
+        let drained = self.active_window as usize;
+        self.active_window ^= 1;
+        set_active_window(&mut self.ebpf, self.active_window)?;
+        let end = SystemTime::now();
+        std::thread::sleep(FLIP_GRACE);
+
+        let samples = self.take_counts(names::COUNTS[drained])?;
+        let user_stacks = self.take_user_stacks(names::USER_STACKS[drained])?;
+        let kernel_stacks = self.take_kernel_stacks(names::KERNEL_STACKS[drained])?;
+        let stats = self.stats_delta()?;
+
+        let start = std::mem::replace(&mut self.window_start, end);
+        Ok(RawWindow {
+            start,
+            end,
+            samples,
+            user_stacks,
+            kernel_stacks,
+            stats,
+        })
+    }
+
+    fn frequency_hz(&self) -> u64 {
+        self.frequency_hz
+    }
+}
+
+impl Sampler {
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut Map, BpfError> {
+        self.ebpf.map_mut(name).ok_or(BpfError::Missing(name))
+    }
+
+    /// Reads and empties a count map, summing each key's per-CPU counts.
+    fn take_counts(&mut self, name: &'static str) -> Result<Vec<RawSample>, BpfError> {
+        let mut map: PerCpuHashMap<_, SampleKey, u64> =
+            PerCpuHashMap::try_from(self.map_mut(name)?).map_err(map_error(name))?;
+        let mut entries = Vec::new();
+        for item in map.iter() {
+            let (key, per_cpu) = item.map_err(map_error(name))?;
+            entries.push((key, per_cpu.iter().sum::<u64>()));
+        }
+        for (key, _) in &entries {
+            map.remove(key).map_err(map_error(name))?;
+        }
+        Ok(entries
+            .into_iter()
+            .filter(|&(_, count)| count > 0)
+            .map(|(key, count)| RawSample {
+                tgid: key.tgid,
+                tid: key.tid,
+                comm: comm_to_string(&key.comm),
+                user_stack: key.user_stack,
+                kernel_stack: u32::try_from(key.kernel_stack).ok(),
+                in_kernel: key.flags & SAMPLE_IN_KERNEL != 0,
+                count,
+            })
+            .collect())
+    }
+
+    fn take_user_stacks(
+        &mut self,
+        name: &'static str,
+    ) -> Result<HashMap<u64, RawUserStack>, BpfError> {
+        let mut map: BpfHashMap<_, u64, UserStack> =
+            BpfHashMap::try_from(self.map_mut(name)?).map_err(map_error(name))?;
+        let mut stacks = HashMap::new();
+        for item in map.iter() {
+            let (hash, stack) = item.map_err(map_error(name))?;
+            let len = (stack.len as usize).min(stack.ips.len());
+            stacks.insert(
+                hash,
+                RawUserStack {
+                    ips: stack.ips[..len].to_vec(),
+                    truncated: stack.flags & USER_STACK_TRUNCATED != 0,
+                },
+            );
+        }
+        for hash in stacks.keys() {
+            map.remove(hash).map_err(map_error(name))?;
+        }
+        Ok(stacks)
+    }
+
+    fn take_kernel_stacks(
+        &mut self,
+        name: &'static str,
+    ) -> Result<HashMap<u32, Vec<u64>>, BpfError> {
+        let mut map = StackTraceMap::try_from(self.map_mut(name)?).map_err(map_error(name))?;
+        let mut stacks = HashMap::new();
+        for item in map.iter() {
+            let (id, trace) = item.map_err(map_error(name))?;
+            stacks.insert(id, trace.frames().iter().map(|f| f.ip).collect::<Vec<_>>());
+        }
+        for id in stacks.keys() {
+            map.remove(id).map_err(map_error(name))?;
+        }
+        Ok(stacks)
+    }
+
+    /// Counter deltas since the previous drain.
+    fn stats_delta(&mut self) -> Result<BpfStats, BpfError> {
+        let name = names::STATS;
+        let map: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.ebpf.map(name).ok_or(BpfError::Missing(name))?)
+                .map_err(map_error(name))?;
+        let mut delta = BpfStats::default();
+        for stat in Stat::ALL {
+            let total: u64 = map
+                .get(&(stat as u32), 0)
+                .map_err(map_error(name))?
+                .iter()
+                .sum();
+            let seen = &mut self.stats_seen[stat as usize];
+            delta.counts[stat as usize] = total.saturating_sub(*seen);
+            *seen = total;
+        }
+        Ok(delta)
+    }
+}
+
+fn comm_to_string(comm: &[u8; 16]) -> String {
+    let len = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..len]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn comm_stops_at_nul_and_survives_bad_utf8() {
+        let mut comm = [0u8; 16];
+        comm[..4].copy_from_slice(b"bash");
+        assert_eq!(comm_to_string(&comm), "bash");
+        let full = [b'x'; 16];
+        assert_eq!(comm_to_string(&full).len(), 16);
+        comm[0] = 0xff;
+        assert!(comm_to_string(&comm).ends_with("ash"));
+    }
+
+    #[test]
+    fn stats_lost_and_add() {
+        let mut a = BpfStats::default();
+        a.counts[Stat::DropCountsFull as usize] = 2;
+        let mut b = BpfStats::default();
+        b.counts[Stat::Samples as usize] = 5;
+        b.counts[Stat::MapLookupFailed as usize] = 1;
+        a.add(&b);
+        assert_eq!(a.lost(), 3);
+        assert_eq!(a.get(Stat::Samples), 5);
+        assert_eq!(a.iter().count(), Stat::COUNT as usize);
+    }
+}

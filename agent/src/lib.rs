@@ -1,0 +1,15 @@
+//! hearth: a host-wide continuous profiling agent.
+//!
+//! Data flows one way: kernel maps → [`bpf`] (load, attach, drain) →
+//! [`pipeline`] ([`symbolize`] and [`process`] metadata) → [`profile`] (the
+//! one internal model) → [`export`] (folded, flame graph, pprof). [`record`]
+//! drives that flow for one-shot recordings. See `docs/ARCHITECTURE.md`.
+
+pub mod bpf;
+pub mod cli;
+pub mod export;
+pub mod pipeline;
+pub mod process;
+pub mod profile;
+pub mod record;
+pub mod symbolize;

@@ -1,0 +1,410 @@
+//! The one internal profile model. Every exporter (folded, flame graph,
+//! pprof, and later OTLP and the store) writes from a [`Profile`]; every
+//! source (the BPF drain, a decoded pprof or folded file) produces one.
+//!
+//! Frames, mappings and processes are interned in tables and samples refer to
+//! them by index, so a profile with millions of samples over a few thousand
+//! distinct frames stays small and the encoders can emit their own tables
+//! without re-deduplicating.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// Index into [`Profile::frames`].
+pub type FrameId = u32;
+/// Index into [`Profile::mappings`].
+pub type MappingId = u32;
+/// Index into [`Profile::processes`].
+pub type ProcessId = u32;
+
+/// Where a frame's code lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FrameKind {
+    /// Kernel code, symbolized from kallsyms.
+    Kernel,
+    /// Native user code (ELF executables and shared libraries).
+    Native,
+}
+
+impl FrameKind {
+    /// The OpenTelemetry `profile.frame.type` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FrameKind::Kernel => "kernel",
+            FrameKind::Native => "native",
+        }
+    }
+}
+
+/// An executable file whose code appears in a profile.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Mapping {
+    /// Path of the file as the process mapped it (`[kernel.kallsyms]` for the kernel).
+    pub path: Arc<str>,
+    /// GNU build ID, lower-case hex, when the file has one.
+    pub build_id: Option<Arc<str>>,
+}
+
+/// One frame of a stack, after symbolization.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Frame {
+    /// Demangled function name; `[unknown]` style text when symbolization failed.
+    pub function: Arc<str>,
+    /// Source file, when debug info said so.
+    pub file: Option<Arc<str>>,
+    /// Source line, when debug info said so.
+    pub line: Option<u32>,
+    pub kind: FrameKind,
+    pub mapping: Option<MappingId>,
+    /// For user frames the offset in the mapped file (the same code has the
+    /// same address in every process); for kernel frames the kernel address.
+    pub address: u64,
+    /// True when this frame was inlined into the frame that follows it
+    /// (towards the root) at the same address.
+    pub inlined: bool,
+}
+
+/// A process seen in a profile.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Process {
+    pub pid: u32,
+    /// Short name (comm of the main thread, or the executable's file name).
+    pub name: Arc<str>,
+    /// Path of the main executable, when it could be read.
+    pub executable: Option<Arc<str>>,
+}
+
+/// What a profile's sample values measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SampleKind {
+    /// On-CPU samples: the value is a sample count, each worth one period of
+    /// CPU time.
+    OnCpu,
+}
+
+/// One distinct stack of one thread, with how often it was seen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sample {
+    pub process: ProcessId,
+    pub tid: u32,
+    /// Thread name (comm) at the time of the sample.
+    pub thread_name: Arc<str>,
+    /// Frames from the leaf (index 0) to the root.
+    pub frames: Vec<FrameId>,
+    /// Number of samples (for [`SampleKind::OnCpu`]).
+    pub count: u64,
+}
+
+/// When, where and how a profile was taken.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProfileMeta {
+    pub kind: SampleKind,
+    /// Wall-clock start of the first window in the profile.
+    pub start: SystemTime,
+    /// Wall-clock length covered by the profile.
+    pub duration: Duration,
+    /// Sampling frequency actually used.
+    pub frequency_hz: u64,
+    pub hostname: String,
+}
+
+impl ProfileMeta {
+    /// Nanoseconds of CPU time one on-CPU sample stands for.
+    pub fn period_ns(&self) -> u64 {
+        1_000_000_000 / self.frequency_hz.max(1)
+    }
+}
+
+/// A complete profile: interned tables plus samples.
+#[derive(Debug, Clone)]
+pub struct Profile {
+    pub meta: ProfileMeta,
+    pub frames: Vec<Frame>,
+    pub mappings: Vec<Mapping>,
+    pub processes: Vec<Process>,
+    pub samples: Vec<Sample>,
+}
+
+impl Profile {
+    pub fn frame(&self, id: FrameId) -> &Frame {
+        &self.frames[id as usize]
+    }
+
+    pub fn mapping(&self, id: MappingId) -> &Mapping {
+        &self.mappings[id as usize]
+    }
+
+    pub fn process(&self, id: ProcessId) -> &Process {
+        &self.processes[id as usize]
+    }
+
+    /// Sum of all sample counts.
+    pub fn total_count(&self) -> u64 {
+        self.samples.iter().map(|s| s.count).sum()
+    }
+
+    /// Function names of a sample from the root to the leaf.
+    pub fn stack_names<'a>(&'a self, sample: &'a Sample) -> impl Iterator<Item = &'a str> + 'a {
+        sample
+            .frames
+            .iter()
+            .rev()
+            .map(move |&f| &*self.frame(f).function)
+    }
+}
+
+/// Key under which identical samples are merged.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct SampleKey {
+    process: ProcessId,
+    tid: u32,
+    thread_name: Arc<str>,
+    frames: Vec<FrameId>,
+}
+
+/// Builds a [`Profile`], interning frames, mappings and processes and
+/// merging identical samples. Also merges whole profiles (windows of a
+/// recording, or several files).
+#[derive(Debug)]
+pub struct ProfileBuilder {
+    meta: ProfileMeta,
+    frames: Vec<Frame>,
+    frame_ids: HashMap<Frame, FrameId>,
+    mappings: Vec<Mapping>,
+    mapping_ids: HashMap<Mapping, MappingId>,
+    processes: Vec<Process>,
+    process_ids: HashMap<Process, ProcessId>,
+    samples: Vec<Sample>,
+    sample_ids: HashMap<SampleKey, usize>,
+}
+
+impl ProfileBuilder {
+    pub fn new(meta: ProfileMeta) -> Self {
+        Self {
+            meta,
+            frames: Vec::new(),
+            frame_ids: HashMap::new(),
+            mappings: Vec::new(),
+            mapping_ids: HashMap::new(),
+            processes: Vec::new(),
+            process_ids: HashMap::new(),
+            samples: Vec::new(),
+            sample_ids: HashMap::new(),
+        }
+    }
+
+    pub fn meta(&self) -> &ProfileMeta {
+        &self.meta
+    }
+
+    pub fn meta_mut(&mut self) -> &mut ProfileMeta {
+        &mut self.meta
+    }
+
+    pub fn intern_mapping(&mut self, mapping: &Mapping) -> MappingId {
+        intern(&mut self.mappings, &mut self.mapping_ids, mapping)
+    }
+
+    pub fn intern_frame(&mut self, frame: &Frame) -> FrameId {
+        intern(&mut self.frames, &mut self.frame_ids, frame)
+    }
+
+    pub fn intern_process(&mut self, process: &Process) -> ProcessId {
+        intern(&mut self.processes, &mut self.process_ids, process)
+    }
+
+    /// Adds `count` to the sample with this thread and stack, creating it if
+    /// needed. `frames` go from the leaf to the root.
+    pub fn add_sample(
+        &mut self,
+        process: ProcessId,
+        tid: u32,
+        thread_name: Arc<str>,
+        frames: Vec<FrameId>,
+        count: u64,
+    ) {
+        let key = SampleKey {
+            process,
+            tid,
+            thread_name,
+            frames,
+        };
+        if let Some(&i) = self.sample_ids.get(&key) {
+            self.samples[i].count += count;
+            return;
+        }
+        self.samples.push(Sample {
+            process: key.process,
+            tid: key.tid,
+            thread_name: key.thread_name.clone(),
+            frames: key.frames.clone(),
+            count,
+        });
+        self.sample_ids.insert(key, self.samples.len() - 1);
+    }
+
+    /// Adds every sample of `other`, re-interning its tables. The meta of
+    /// `self` is widened to cover both time ranges.
+    pub fn merge(&mut self, other: &Profile) {
+        let mapping_ids: Vec<MappingId> = other
+            .mappings
+            .iter()
+            .map(|m| self.intern_mapping(m))
+            .collect();
+        let frame_ids: Vec<FrameId> = other
+            .frames
+            .iter()
+            .map(|f| {
+                let mut f = f.clone();
+                f.mapping = f.mapping.map(|m| mapping_ids[m as usize]);
+                self.intern_frame(&f)
+            })
+            .collect();
+        let process_ids: Vec<ProcessId> = other
+            .processes
+            .iter()
+            .map(|p| self.intern_process(p))
+            .collect();
+        for s in &other.samples {
+            let frames = s.frames.iter().map(|&f| frame_ids[f as usize]).collect();
+            self.add_sample(
+                process_ids[s.process as usize],
+                s.tid,
+                s.thread_name.clone(),
+                frames,
+                s.count,
+            );
+        }
+        let start = self.meta.start.min(other.meta.start);
+        let end =
+            (self.meta.start + self.meta.duration).max(other.meta.start + other.meta.duration);
+        self.meta.start = start;
+        self.meta.duration = end.duration_since(start).unwrap_or_default();
+    }
+
+    pub fn sample_count(&self) -> usize {
+        self.samples.len()
+    }
+
+    pub fn build(self) -> Profile {
+        Profile {
+            meta: self.meta,
+            frames: self.frames,
+            mappings: self.mappings,
+            processes: self.processes,
+            samples: self.samples,
+        }
+    }
+}
+
+fn intern<T: Clone + Eq + std::hash::Hash>(
+    table: &mut Vec<T>,
+    ids: &mut HashMap<T, u32>,
+    value: &T,
+) -> u32 {
+    if let Some(&id) = ids.get(value) {
+        return id;
+    }
+    let id = u32::try_from(table.len()).expect("more than 2^32 interned entries");
+    table.push(value.clone());
+    ids.insert(value.clone(), id);
+    id
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn meta() -> ProfileMeta {
+        ProfileMeta {
+            kind: SampleKind::OnCpu,
+            start: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+            duration: Duration::from_secs(10),
+            frequency_hz: 99,
+            hostname: "testhost".into(),
+        }
+    }
+
+    pub(crate) fn native(name: &str) -> Frame {
+        Frame {
+            function: name.into(),
+            file: None,
+            line: None,
+            kind: FrameKind::Native,
+            mapping: None,
+            address: 0,
+            inlined: false,
+        }
+    }
+
+    /// A small profile: process "app" with stacks main;a (6), main;b (3),
+    /// and a kernel frame under b (1).
+    pub(crate) fn sample_profile() -> Profile {
+        let mut b = ProfileBuilder::new(meta());
+        let exe = b.intern_mapping(&Mapping {
+            path: "/usr/bin/app".into(),
+            build_id: Some("abcd".into()),
+        });
+        let p = b.intern_process(&Process {
+            pid: 42,
+            name: "app".into(),
+            executable: Some("/usr/bin/app".into()),
+        });
+        let f = |b: &mut ProfileBuilder, name: &str, addr: u64| {
+            let mut fr = native(name);
+            fr.mapping = Some(exe);
+            fr.address = addr;
+            b.intern_frame(&fr)
+        };
+        let main = f(&mut b, "main", 0x1000);
+        let a = f(&mut b, "a", 0x2000);
+        let bb = f(&mut b, "b", 0x3000);
+        let k = b.intern_frame(&Frame {
+            kind: FrameKind::Kernel,
+            address: 0xffff_ffff_8100_0000,
+            ..native("do_syscall_64")
+        });
+        b.add_sample(p, 42, "app".into(), vec![a, main], 6);
+        b.add_sample(p, 43, "worker".into(), vec![bb, main], 3);
+        b.add_sample(p, 43, "worker".into(), vec![k, bb, main], 1);
+        b.build()
+    }
+
+    #[test]
+    fn identical_samples_merge_and_tables_dedupe() {
+        let mut b = ProfileBuilder::new(meta());
+        let p = b.intern_process(&Process {
+            pid: 1,
+            name: "x".into(),
+            executable: None,
+        });
+        let a1 = b.intern_frame(&native("a"));
+        let a2 = b.intern_frame(&native("a"));
+        assert_eq!(a1, a2);
+        b.add_sample(p, 1, "x".into(), vec![a1], 2);
+        b.add_sample(p, 1, "x".into(), vec![a2], 3);
+        b.add_sample(p, 2, "x".into(), vec![a2], 1);
+        let prof = b.build();
+        assert_eq!(prof.frames.len(), 1);
+        assert_eq!(prof.samples.len(), 2);
+        assert_eq!(prof.total_count(), 6);
+    }
+
+    #[test]
+    fn merge_reinterns_and_widens_time_range() {
+        let one = sample_profile();
+        let mut two = sample_profile();
+        two.meta.start += Duration::from_secs(10);
+        let mut b = ProfileBuilder::new(one.meta.clone());
+        b.merge(&one);
+        b.merge(&two);
+        let merged = b.build();
+        assert_eq!(merged.total_count(), 2 * one.total_count());
+        assert_eq!(merged.frames.len(), one.frames.len());
+        assert_eq!(merged.samples.len(), one.samples.len());
+        assert_eq!(merged.meta.duration, Duration::from_secs(20));
+        let names: Vec<&str> = merged.stack_names(&merged.samples[2]).collect();
+        assert_eq!(names, ["main", "b", "do_syscall_64"]);
+    }
+}
