@@ -16,6 +16,7 @@ fn main() -> ExitCode {
         )
         .init();
 
+    raise_fd_limit();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -41,5 +42,22 @@ fn main() -> ExitCode {
                 ExitCode::from(code)
             }
         },
+    }
+}
+
+/// The symbolizer keeps mapped files open (two descriptors each) next to one
+/// perf event per CPU; the usual soft limit of 1024 is tight on big hosts.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain getrlimit/setrlimit on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
     }
 }

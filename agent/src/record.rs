@@ -15,7 +15,7 @@ use crate::cli::RecordArgs;
 use crate::export::{self, ExportError, OutputFormat};
 use crate::pipeline::{hostname, WindowProcessor};
 use crate::profile::{Profile, ProfileBuilder, ProfileMeta, SampleKind};
-use crate::symbolize::{BlazeSymbolizer, Symbolize};
+use crate::symbolize::{BlazeSymbolizer, Symbolize, SymbolizerConfig};
 
 /// Why a record failed. Each kind has its own exit code (see README).
 #[derive(Debug, thiserror::Error)]
@@ -82,7 +82,10 @@ pub async fn record(args: &RecordArgs) -> Result<RecordSummary, RecordError> {
         "recording"
     );
 
-    let mut processor = WindowProcessor::new(BlazeSymbolizer::new());
+    let mut processor = WindowProcessor::new(BlazeSymbolizer::with_config(SymbolizerConfig {
+        debug_syms: args.debuginfo,
+        ..SymbolizerConfig::default()
+    }));
     let mut merged = ProfileBuilder::new(ProfileMeta {
         kind: SampleKind::OnCpu,
         start: SystemTime::now(),

@@ -106,8 +106,9 @@ fn record_fixture_with_frame_pointers() {
     assert!(svg_text.contains("leaf_a") && svg_text.contains("dispatch"));
 }
 
-/// Host-wide: other processes appear, the idle task never does, and kernel
-/// frames appear for samples taken in kernel mode.
+/// Host-wide: other processes appear, the idle task never does, kernel
+/// frames appear for samples taken in kernel mode, and `--debuginfo` adds
+/// source files from DWARF.
 #[test]
 fn record_host_wide() {
     let dir = scratch_dir("host");
@@ -119,7 +120,14 @@ fn record_host_wide() {
         .spawn()
         .unwrap();
     let pb = dir.join("host.pb.gz");
-    let out = hearth(&["record", "-d", "3s", "-o", pb.to_str().unwrap()]);
+    let out = hearth(&[
+        "record",
+        "-d",
+        "3s",
+        "--debuginfo",
+        "-o",
+        pb.to_str().unwrap(),
+    ]);
     let _ = syscalls.kill();
     let _ = syscalls.wait();
     assert_exit(&out, 0);
