@@ -17,19 +17,6 @@ pub struct WindowProcessor<S> {
     hostname: String,
 }
 
-/// Placeholder frames for stacks the kernel could not give us.
-fn marker_frame(name: &str, kind: FrameKind) -> Frame {
-    Frame {
-        function: Arc::from(name),
-        file: None,
-        line: None,
-        kind,
-        mapping: None,
-        address: 0,
-        inlined: false,
-    }
-}
-
 impl<S: Symbolize> WindowProcessor<S> {
     pub fn new(symbolizer: S) -> Self {
         Self {
@@ -65,7 +52,7 @@ impl<S: Symbolize> WindowProcessor<S> {
                         let mut out = Vec::new();
                         match window.kernel_stacks.get(&id) {
                             Some(ips) => self.symbolizer.kernel_stack(ips, &mut builder, &mut out),
-                            None => out.push(builder.intern_frame(&marker_frame(
+                            None => out.push(builder.intern_frame(&Frame::named(
                                 "[lost kernel stack]",
                                 FrameKind::Kernel,
                             ))),
@@ -75,7 +62,7 @@ impl<S: Symbolize> WindowProcessor<S> {
                 frames.extend_from_slice(stack);
             } else if sample.in_kernel {
                 frames.push(
-                    builder.intern_frame(&marker_frame("[lost kernel stack]", FrameKind::Kernel)),
+                    builder.intern_frame(&Frame::named("[lost kernel stack]", FrameKind::Kernel)),
                 );
             }
             if sample.user_stack != 0 {
@@ -92,13 +79,13 @@ impl<S: Symbolize> WindowProcessor<S> {
                                     &mut out,
                                 );
                                 if raw.truncated {
-                                    out.push(builder.intern_frame(&marker_frame(
+                                    out.push(builder.intern_frame(&Frame::named(
                                         "[truncated]",
                                         FrameKind::Native,
                                     )));
                                 }
                             }
-                            None => out.push(builder.intern_frame(&marker_frame(
+                            None => out.push(builder.intern_frame(&Frame::named(
                                 "[lost user stack]",
                                 FrameKind::Native,
                             ))),

