@@ -132,11 +132,21 @@ fn record(ctx: &PerfEventContext, tgid: u32, tid: u32, window: &Window) -> Resul
     match user_regs {
         // ip 0: a kernel thread, which has no user stack.
         Some(UserRegs { ip: 0, .. }) => {}
-        Some(regs) => key.user_stack = walk_user_stack(&regs, window.user_stacks),
+        Some(regs) => key.user_stack = walk_user_stack(&regs),
         None => count(Stat::UserRegsUnavailable),
     }
 
-    increment(window.counts, &key)
+    // A thread on the same stack as before in this window: its stack is
+    // stored already, one lookup does it all.
+    if let Some(value) = window.counts.get_ptr_mut(&key) {
+        // SAFETY: this CPU's slot; the program does not nest on a CPU.
+        unsafe { *value += 1 };
+        return Ok(());
+    }
+    if key.user_stack != 0 && !store_user_stack(key.user_stack, window.user_stacks) {
+        key.user_stack = 0;
+    }
+    insert_count(window.counts, &key)
 }
 
 /// The user registers a stack walk starts from.
@@ -192,10 +202,10 @@ fn frameless_return_address(sp: u64) -> Option<u64> {
     (call_rel32 || call_rip_indirect || call_register).then_some(candidate)
 }
 
-/// Walks frame pointers from `regs`, stores the stack in `user_stacks`
-/// under its hash, and returns the hash (0: not stored).
+/// Walks frame pointers from `regs` into the per-CPU scratch stack and
+/// returns its hash (never 0; 0 when the scratch slot is missing).
 #[inline(always)]
-fn walk_user_stack(regs: &UserRegs, user_stacks: &HashMap<u64, UserStack>) -> u64 {
+fn walk_user_stack(regs: &UserRegs) -> u64 {
     let Some(stack) = SCRATCH_STACK.get_ptr_mut(0) else {
         count(Stat::MapLookupFailed);
         return 0;
@@ -259,29 +269,42 @@ fn walk_user_stack(regs: &UserRegs, user_stacks: &HashMap<u64, UserStack>) -> u6
     }
     stack.len = len as u32;
     // 0 means "no user stack" in SampleKey.
-    let hash = if hash == 0 { 1 } else { hash };
-    if user_stacks.get_ptr(hash).is_none() {
-        if let Err(e) = user_stacks.insert(hash, &*stack, BPF_NOEXIST as u64) {
-            // EEXIST: another CPU stored the same stack meanwhile.
-            if e != -EEXIST {
-                count(Stat::DropUserStackFull);
-                return 0;
-            }
-        }
+    if hash == 0 {
+        1
+    } else {
+        hash
     }
-    hash
 }
 
-/// Adds one sample to the count of `key`. The count map is per-CPU, so the
-/// add needs no atomics (the BPF target has no atomic read-modify-write in
-/// `core`) and CPUs never contend on a hot key; userspace sums the CPUs.
+/// Stores the scratch stack under `hash` unless the window has it already.
+/// False when the map is full.
 #[inline(always)]
-fn increment(counts: &PerCpuHashMap<SampleKey, u64>, key: &SampleKey) -> Result<(), Stat> {
-    if let Some(value) = counts.get_ptr_mut(key) {
-        // SAFETY: this CPU's slot; the program does not nest on a CPU.
-        unsafe { *value += 1 };
-        return Ok(());
+fn store_user_stack(hash: u64, user_stacks: &HashMap<u64, UserStack>) -> bool {
+    if user_stacks.get_ptr(hash).is_some() {
+        return true;
     }
+    let Some(stack) = SCRATCH_STACK.get_ptr(0) else {
+        count(Stat::MapLookupFailed);
+        return false;
+    };
+    // SAFETY: per-CPU scratch slot filled by walk_user_stack on this run.
+    match user_stacks.insert(hash, unsafe { &*stack }, BPF_NOEXIST as u64) {
+        Ok(()) => true,
+        // EEXIST: another CPU stored the same stack meanwhile.
+        Err(e) if e == -EEXIST => true,
+        Err(_) => {
+            count(Stat::DropUserStackFull);
+            false
+        }
+    }
+}
+
+/// Starts the count of a key not yet in the window. The count map is
+/// per-CPU, so adds need no atomics (the BPF target has no atomic
+/// read-modify-write in `core`) and CPUs never contend on a hot key;
+/// userspace sums the CPUs.
+#[inline(always)]
+fn insert_count(counts: &PerCpuHashMap<SampleKey, u64>, key: &SampleKey) -> Result<(), Stat> {
     match counts.insert(key, 1, BPF_NOEXIST as u64) {
         Ok(()) => Ok(()),
         // Another CPU inserted the same key between our lookup and insert.

@@ -1,5 +1,7 @@
 //! `cargo xtask bench`: overhead of a host-wide `hearth record` against
-//! `perf record` and bpftrace on the same busy workload, in the same run.
+//! `perf record` and bpftrace on the same busy workload. The three run at
+//! the same time, so each round compares them under identical conditions
+//! (this VM's speed drifts by 2× within a minute); three rounds.
 //!
 //! For each tool: CPU seconds (user + system, from wait4), max RSS, and for
 //! BPF tools the average BPF run time per program invocation (from the
@@ -44,35 +46,11 @@ pub fn bench() -> Result<()> {
         .collect::<Result<_, _>>()?;
     std::thread::sleep(Duration::from_secs(1));
 
-    let secs = SECONDS.to_string();
-    let hz = HZ.to_string();
-    let runs: Vec<(&'static str, Command)> = vec![
-        ("hearth record", {
-            let mut c = Command::new(&hearth);
-            c.args(["record", "-d", &format!("{SECONDS}s"), "-F", &hz, "-o"])
-                .arg(dir.join("hearth.pb.gz"))
-                .env("HEARTH_LOG", "warn");
-            c
-        }),
-        ("perf record -F99 -a -g", {
-            let mut c = Command::new("perf");
-            c.args(["record", "-F", &hz, "-a", "-g", "-q", "-o"])
-                .arg(dir.join("perf.data"))
-                .args(["--", "sleep", &secs]);
-            c
-        }),
-        ("bpftrace kstack+ustack", {
-            let mut c = Command::new("bpftrace");
-            c.arg("-e").arg(format!(
-                "profile:hz:{HZ} {{ @[kstack, ustack, pid] = count(); }} interval:s:{SECONDS} {{ exit(); }}"
-            ));
-            c
-        }),
-    ];
-    let mut results = Vec::new();
-    for (tool, cmd) in runs {
-        eprintln!("bench: {tool} for {SECONDS}s at {HZ} Hz, {cpus} busy CPUs");
-        results.push(measure(tool, cmd)?);
+    let mut report_text = String::new();
+    for round in 1..=ROUNDS {
+        eprintln!("bench: round {round}/{ROUNDS}: hearth, perf and bpftrace together for {SECONDS}s at {HZ} Hz, {cpus} busy CPUs");
+        let results = measure_together(tool_commands(&hearth, &dir))?;
+        report_text.push_str(&format!("Round {round}:\n\n{}\n", report(&results)));
     }
     for child in &mut load {
         let _ = child.kill();
@@ -80,18 +58,43 @@ pub fn bench() -> Result<()> {
     }
     let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0");
 
-    let report = report(&results, cpus);
-    println!("{report}");
-    std::fs::write(dir.join("record.md"), &report)?;
+    let header = format!(
+        "Host-wide {HZ} Hz for {SECONDS} s, {cpus} CPUs busy with the cpu_split fixture; \
+         the three tools run at the same time.\n\n"
+    );
+    let text = header + &report_text;
+    println!("{text}");
+    std::fs::write(dir.join("record.md"), &text)?;
     Ok(())
 }
 
-fn report(results: &[Measurement], cpus: usize) -> String {
+const ROUNDS: u32 = 3;
+
+fn tool_commands(hearth: &Path, dir: &Path) -> Vec<(&'static str, Command)> {
+    let secs = SECONDS.to_string();
+    let hz = HZ.to_string();
+    let mut hearth_cmd = Command::new(hearth);
+    hearth_cmd
+        .args(["record", "-d", &format!("{SECONDS}s"), "-F", &hz, "-o"])
+        .arg(dir.join("hearth.pb.gz"))
+        .env("HEARTH_LOG", "warn");
+    let mut perf = Command::new("perf");
+    perf.args(["record", "-F", &hz, "-a", "-g", "-q", "-o"])
+        .arg(dir.join("perf.data"))
+        .args(["--", "sleep", &secs]);
+    let mut bpftrace = Command::new("bpftrace");
+    bpftrace.arg("-e").arg(format!(
+        "profile:hz:{HZ} {{ @[kstack, ustack, pid] = count(); }} interval:s:{SECONDS} {{ exit(); }}"
+    ));
+    vec![
+        ("hearth record", hearth_cmd),
+        ("perf record -F99 -a -g", perf),
+        ("bpftrace kstack+ustack", bpftrace),
+    ]
+}
+
+fn report(results: &[Measurement]) -> String {
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "Host-wide {HZ} Hz for {SECONDS} s, {cpus} CPUs busy with the cpu_split fixture.\n"
-    );
     let _ = writeln!(
         out,
         "| tool | CPU s (user+sys) | % of one core | max RSS MiB | BPF ns / run | BPF runs |"
@@ -116,49 +119,69 @@ fn report(results: &[Measurement], cpus: usize) -> String {
     out
 }
 
-fn measure(tool: &'static str, mut cmd: Command) -> Result<Measurement> {
-    let child = cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {tool}"))?;
-    let pid = child.id() as i32;
+/// A tool being measured.
+struct Running {
+    tool: &'static str,
+    child: Child,
+    bpf: HashMap<u64, (u64, u64)>,
+    done: Option<Measurement>,
+}
+
+/// Starts every tool at once and measures each until all have exited.
+fn measure_together(tools: Vec<(&'static str, Command)>) -> Result<Vec<Measurement>> {
+    let mut running = Vec::new();
+    for (tool, mut cmd) in tools {
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {tool}"))?;
+        running.push(Running {
+            tool,
+            child,
+            bpf: HashMap::new(),
+            done: None,
+        });
+    }
     let started = Instant::now();
-    let mut bpf: HashMap<u64, (u64, u64)> = HashMap::new();
-    loop {
-        // Poll the tool's program fds until it exits; keep the latest
-        // counters per program (they vanish with the process).
-        for (id, stats) in bpf_prog_stats(pid) {
-            bpf.insert(id, stats);
-        }
-        let mut status = 0;
-        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-        // SAFETY: plain wait4 on our own child.
-        let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
-        if r == pid {
-            let secs = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    while running.iter().any(|r| r.done.is_none()) {
+        for r in running.iter_mut().filter(|r| r.done.is_none()) {
+            let pid = r.child.id() as i32;
+            // Keep the latest counters per program: they vanish with the
+            // process.
+            r.bpf.extend(bpf_prog_stats(pid));
+            let mut status = 0;
+            let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+            // SAFETY: plain wait4 on our own child.
+            if unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) } != pid {
+                continue;
+            }
             if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
                 let mut stderr = String::new();
-                if let Some(mut e) = child.stderr {
+                if let Some(mut e) = r.child.stderr.take() {
                     use std::io::Read;
                     let _ = e.read_to_string(&mut stderr);
                 }
-                bail!("{tool} failed (status {status}): {stderr}");
+                bail!("{} failed (status {status}): {stderr}", r.tool);
             }
-            let total = bpf.values().fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
-            return Ok(Measurement {
-                tool,
+            let secs = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+            let total = r.bpf.values().fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+            r.done = Some(Measurement {
+                tool: r.tool,
                 cpu_seconds: secs(usage.ru_utime) + secs(usage.ru_stime),
                 max_rss_mib: usage.ru_maxrss as f64 / 1024.0,
-                bpf: (!bpf.is_empty()).then_some(total),
+                bpf: (!r.bpf.is_empty()).then_some(total),
             });
         }
         if started.elapsed() > Duration::from_secs(SECONDS * 6) {
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            bail!("{tool} did not finish");
+            for r in &mut running {
+                let _ = r.child.kill();
+            }
+            bail!("the tools did not finish");
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+    Ok(running.into_iter().filter_map(|r| r.done).collect())
 }
 
 /// (prog id → (run_time_ns, run_cnt)) for every BPF program fd `pid` holds.
