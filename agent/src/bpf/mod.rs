@@ -10,6 +10,7 @@ mod loader;
 mod preflight;
 
 pub use drain::{BpfStats, RawSample, RawWindow};
+pub use hearth_ebpf::Stat;
 pub use loader::{Sampler, SamplerOptions};
 pub use preflight::{check_btf, check_privileges};
 
