@@ -203,7 +203,8 @@ fn frameless_return_address(sp: u64) -> Option<u64> {
 }
 
 /// Walks frame pointers from `regs` into the per-CPU scratch stack and
-/// returns its hash (never 0; 0 when the scratch slot is missing).
+/// returns its hash, which is never 0 (0 means no stack: only when the
+/// scratch slot is missing).
 #[inline(always)]
 fn walk_user_stack(regs: &UserRegs) -> u64 {
     let Some(stack) = SCRATCH_STACK.get_ptr_mut(0) else {

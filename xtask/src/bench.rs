@@ -39,11 +39,13 @@ pub fn bench() -> Result<()> {
 
     std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1")
         .context("enabling kernel.bpf_stats_enabled (needs root)")?;
+    // Whatever happens below, the workload and bpf_stats are put back.
+    let mut cleanup = Cleanup(Vec::new());
     // One busy process per CPU, with a fixed call chain.
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let mut load: Vec<Child> = (0..cpus)
-        .map(|_| Command::new(&workload).arg("3600").spawn())
-        .collect::<Result<_, _>>()?;
+    for _ in 0..cpus {
+        cleanup.0.push(Command::new(&workload).arg("3600").spawn()?);
+    }
     std::thread::sleep(Duration::from_secs(1));
 
     let mut report_text = String::new();
@@ -52,11 +54,7 @@ pub fn bench() -> Result<()> {
         let results = measure_together(tool_commands(&hearth, &dir))?;
         report_text.push_str(&format!("Round {round}:\n\n{}\n", report(&results)));
     }
-    for child in &mut load {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0");
+    drop(cleanup);
 
     let header = format!(
         "Host-wide {HZ} Hz for {SECONDS} s, {cpus} CPUs busy with the cpu_split fixture; \
@@ -69,6 +67,20 @@ pub fn bench() -> Result<()> {
 }
 
 const ROUNDS: u32 = 3;
+
+/// Processes to kill (and bpf_stats to switch off) when the bench ends, on
+/// success or error.
+struct Cleanup(Vec<Child>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0");
+    }
+}
 
 fn tool_commands(hearth: &Path, dir: &Path) -> Vec<(&'static str, Command)> {
     let secs = SECONDS.to_string();
@@ -127,9 +139,20 @@ struct Running {
     done: Option<Measurement>,
 }
 
-/// Starts every tool at once and measures each until all have exited.
+/// Starts every tool at once and measures each until all have exited; on
+/// error the tools still running are killed.
 fn measure_together(tools: Vec<(&'static str, Command)>) -> Result<Vec<Measurement>> {
     let mut running = Vec::new();
+    let result = poll_until_done(tools, &mut running);
+    for r in running.iter_mut().filter(|r| r.done.is_none()) {
+        let _ = r.child.kill();
+        let _ = r.child.wait();
+    }
+    result?;
+    Ok(running.into_iter().filter_map(|r| r.done).collect())
+}
+
+fn poll_until_done(tools: Vec<(&'static str, Command)>, running: &mut Vec<Running>) -> Result<()> {
     for (tool, mut cmd) in tools {
         let child = cmd
             .stdout(Stdio::null())
@@ -174,14 +197,11 @@ fn measure_together(tools: Vec<(&'static str, Command)>) -> Result<Vec<Measureme
             });
         }
         if started.elapsed() > Duration::from_secs(SECONDS * 6) {
-            for r in &mut running {
-                let _ = r.child.kill();
-            }
             bail!("the tools did not finish");
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    Ok(running.into_iter().filter_map(|r| r.done).collect())
+    Ok(())
 }
 
 /// (prog id → (run_time_ns, run_cnt)) for every BPF program fd `pid` holds.
