@@ -137,14 +137,27 @@ impl Stat {
     }
 }
 
+/// The value of a `COUNTS` entry on one CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SampleCount {
+    /// Samples of this key on this CPU in the window.
+    pub count: u64,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the latest one, so exporters
+    /// can say when a stack was last seen within the window.
+    pub last_seen_ns: u64,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain-old-data, repr(C), no implicit padding (checked below).
     unsafe impl aya::Pod for super::SampleKey {}
     unsafe impl aya::Pod for super::UserStack {}
+    unsafe impl aya::Pod for super::SampleCount {}
 }
 
 // The layouts must have no implicit padding: a padding byte would carry
 // garbage into hash keys and make identical samples different keys.
 const _: () = assert!(core::mem::size_of::<SampleKey>() == 4 + 4 + 8 + 4 + 4 + 16);
 const _: () = assert!(core::mem::size_of::<UserStack>() == 4 + 4 + 8 * MAX_USER_FRAMES);
+const _: () = assert!(core::mem::size_of::<SampleCount>() == 8 + 8);

@@ -6,7 +6,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, StackTrace},
 };
-use hearth_ebpf::{SampleKey, Stat, UserStack, CONTROL_ENTRIES};
+use hearth_ebpf::{SampleCount, SampleKey, Stat, UserStack, CONTROL_ENTRIES};
 
 /// `CONTROL[CONTROL_ACTIVE_WINDOW]`: the window (0 or 1) programs write to.
 #[map]
@@ -28,9 +28,11 @@ pub static SCRATCH_STACK: PerCpuArray<UserStack> = PerCpuArray::with_max_entries
 // CONTROL while userspace drains and clears the other one, so a drain
 // neither loses nor double-counts samples.
 #[map]
-pub static COUNTS_0: PerCpuHashMap<SampleKey, u64> = PerCpuHashMap::with_max_entries(16384, 0);
+pub static COUNTS_0: PerCpuHashMap<SampleKey, SampleCount> =
+    PerCpuHashMap::with_max_entries(16384, 0);
 #[map]
-pub static COUNTS_1: PerCpuHashMap<SampleKey, u64> = PerCpuHashMap::with_max_entries(16384, 0);
+pub static COUNTS_1: PerCpuHashMap<SampleKey, SampleCount> =
+    PerCpuHashMap::with_max_entries(16384, 0);
 #[map]
 pub static USER_STACKS_0: HashMap<u64, UserStack> = HashMap::with_max_entries(8192, 0);
 #[map]

@@ -13,7 +13,7 @@
 use aya_ebpf::{
     bindings::{pt_regs, BPF_NOEXIST},
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task_btf,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_ktime_get_ns,
         bpf_probe_read_kernel, bpf_probe_read_user, generated::bpf_task_pt_regs,
     },
     macros::perf_event,
@@ -21,8 +21,8 @@ use aya_ebpf::{
     programs::{tracing::StackIdContext, PerfEventContext},
 };
 use hearth_ebpf::{
-    SampleKey, Stat, UserStack, CONTROL_ACTIVE_WINDOW, MAX_USER_FRAMES, SAMPLE_IN_KERNEL,
-    USER_STACK_TRUNCATED,
+    SampleCount, SampleKey, Stat, UserStack, CONTROL_ACTIVE_WINDOW, MAX_USER_FRAMES,
+    SAMPLE_IN_KERNEL, USER_STACK_TRUNCATED,
 };
 
 use crate::maps::{
@@ -46,7 +46,7 @@ pub fn on_cpu_sample(ctx: PerfEventContext) -> u32 {
 /// than one call with a map pointer picked at run time: the verifier tracks
 /// map pointers per instruction.
 struct Window<'a> {
-    counts: &'a PerCpuHashMap<SampleKey, u64>,
+    counts: &'a PerCpuHashMap<SampleKey, SampleCount>,
     user_stacks: &'a HashMap<u64, UserStack>,
     kernel_stacks: &'a StackTrace,
 }
@@ -138,15 +138,20 @@ fn record(ctx: &PerfEventContext, tgid: u32, tid: u32, window: &Window) -> Resul
 
     // A thread on the same stack as before in this window: its stack is
     // stored already, one lookup does it all.
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
     if let Some(value) = window.counts.get_ptr_mut(&key) {
         // SAFETY: this CPU's slot; the program does not nest on a CPU.
-        unsafe { *value += 1 };
+        unsafe {
+            (*value).count += 1;
+            (*value).last_seen_ns = now;
+        }
         return Ok(());
     }
     if key.user_stack != 0 && !store_user_stack(key.user_stack, window.user_stacks) {
         key.user_stack = 0;
     }
-    insert_count(window.counts, &key)
+    insert_count(window.counts, &key, now)
 }
 
 /// The user registers a stack walk starts from.
@@ -305,13 +310,25 @@ fn store_user_stack(hash: u64, user_stacks: &HashMap<u64, UserStack>) -> bool {
 /// read-modify-write in `core`) and CPUs never contend on a hot key;
 /// userspace sums the CPUs.
 #[inline(always)]
-fn insert_count(counts: &PerCpuHashMap<SampleKey, u64>, key: &SampleKey) -> Result<(), Stat> {
-    match counts.insert(key, 1, BPF_NOEXIST as u64) {
+fn insert_count(
+    counts: &PerCpuHashMap<SampleKey, SampleCount>,
+    key: &SampleKey,
+    now: u64,
+) -> Result<(), Stat> {
+    let first = SampleCount {
+        count: 1,
+        last_seen_ns: now,
+    };
+    match counts.insert(key, first, BPF_NOEXIST as u64) {
         Ok(()) => Ok(()),
         // Another CPU inserted the same key between our lookup and insert.
         Err(e) if e == -EEXIST => match counts.get_ptr_mut(key) {
             Some(value) => {
-                unsafe { *value += 1 };
+                // SAFETY: this CPU's slot, as above.
+                unsafe {
+                    (*value).count += 1;
+                    (*value).last_seen_ns = now;
+                }
                 Ok(())
             }
             None => Err(Stat::MapLookupFailed),

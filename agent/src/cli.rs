@@ -21,6 +21,12 @@ pub enum Command {
     /// Profile the host (or some processes) once and write flame graph,
     /// pprof or folded files.
     Record(RecordArgs),
+    /// Run continuously: sample every process, export each window over OTLP
+    /// (`--otlp-endpoint`) or into the local store.
+    Run(Box<crate::config::RunArgs>),
+    /// Render a flame graph (or folded/pprof file) from the local store or
+    /// from profile files.
+    Flamegraph(FlamegraphArgs),
 }
 
 #[derive(Debug, Args)]
@@ -60,6 +66,44 @@ pub struct RecordArgs {
     pub kernel_btf: PathBuf,
 }
 
+#[derive(Debug, Args)]
+pub struct FlamegraphArgs {
+    /// Profile files to merge (.pb.gz/.pprof or .folded).
+    #[arg(value_name = "FILE")]
+    pub inputs: Vec<PathBuf>,
+
+    /// Read the windows of this local store directory (as written by
+    /// `hearth run`).
+    #[arg(long, value_name = "DIR")]
+    pub store: Option<PathBuf>,
+
+    /// With --store: only windows that end after this: a duration back from
+    /// now (10m, 2h) or an RFC 3339 time (2026-11-21T10:00:00Z).
+    #[arg(long, value_name = "WHEN")]
+    pub since: Option<String>,
+
+    /// With --store: only windows that start before this (same forms as
+    /// --since).
+    #[arg(long, value_name = "WHEN")]
+    pub until: Option<String>,
+
+    /// Only samples of this process id (repeatable).
+    #[arg(short, long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+
+    /// Only samples of processes with this name (repeatable).
+    #[arg(long = "process", value_name = "NAME")]
+    pub processes: Vec<String>,
+
+    /// Output file, format by extension: .svg, .folded, .pb.gz. Repeatable.
+    #[arg(short, long = "output", value_name = "FILE", required = true)]
+    pub outputs: Vec<PathBuf>,
+
+    /// Flame graph title (default: what, when and where).
+    #[arg(long)]
+    pub title: Option<String>,
+}
+
 /// Parses `500ms`, `10s`, `2m`, `1h`; a bare number means seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
@@ -96,7 +140,9 @@ mod tests {
             "hearth", "record", "-d", "2s", "-o", "a.svg", "-o", "b.pb.gz", "--pid", "1",
         ])
         .unwrap();
-        let Command::Record(args) = cli.command;
+        let Command::Record(args) = cli.command else {
+            panic!("parsed as another command");
+        };
         assert_eq!(args.outputs.len(), 2);
         assert_eq!(args.pids, [1]);
         assert_eq!(args.duration, Duration::from_secs(2));

@@ -7,9 +7,13 @@
 
 pub mod bpf;
 pub mod cli;
+pub mod config;
+pub mod daemon;
 pub mod export;
+pub mod metrics;
 pub mod pipeline;
 pub mod process;
 pub mod profile;
 pub mod record;
+pub mod report;
 pub mod symbolize;

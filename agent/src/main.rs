@@ -3,18 +3,37 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use hearth::cli::{Cli, Command};
+use hearth::config::Config;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
             EnvFilter::try_from_env("HEARTH_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .init();
+
+    // Flags, file and environment are merged before anything starts, so a
+    // bad value is reported at once.
+    let config = match (&cli.command, matches.subcommand_matches("run")) {
+        (Command::Run(args), Some(run_matches)) => match Config::load(args, run_matches) {
+            Ok(config) if args.print_config => {
+                print!("{}", config.to_toml());
+                return ExitCode::SUCCESS;
+            }
+            Ok(config) => Some(config),
+            Err(e) => {
+                eprintln!("hearth: error: {:#}", anyhow::Error::new(e));
+                return ExitCode::from(2);
+            }
+        },
+        _ => None,
+    };
 
     raise_fd_limit();
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -44,6 +63,31 @@ fn main() -> ExitCode {
             Err(e) => {
                 let code = e.exit_code();
                 // `{:#}` prints the whole cause chain on one line.
+                eprintln!("hearth: error: {:#}", anyhow::Error::new(e));
+                ExitCode::from(code)
+            }
+        },
+        Command::Run(_) => {
+            let config = config.expect("`run` always has a config");
+            match runtime.block_on(hearth::daemon::run(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    let code = e.exit_code();
+                    eprintln!("hearth: error: {:#}", anyhow::Error::new(e));
+                    ExitCode::from(code)
+                }
+            }
+        }
+        Command::Flamegraph(args) => match hearth::report::flamegraph(&args) {
+            Ok(summary) => {
+                eprintln!("hearth: {} samples", summary.samples);
+                for path in &summary.outputs {
+                    eprintln!("hearth: wrote {}", path.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                let code = e.exit_code();
                 eprintln!("hearth: error: {:#}", anyhow::Error::new(e));
                 ExitCode::from(code)
             }

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::UNIX_EPOCH;
 
 use crate::bpf::RawWindow;
 use crate::process::ProcessTable;
@@ -96,12 +97,17 @@ impl<S: Symbolize> WindowProcessor<S> {
             }
             let process = self.processes.lookup(sample.tgid, &sample.comm);
             let process = builder.intern_process(&process);
-            builder.add_sample(
+            let last_seen_unix_ns = sample
+                .last_seen
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+            builder.add_sample_seen(
                 process,
                 sample.tid,
                 Arc::from(sample.comm.as_str()),
                 frames.clone(),
                 sample.count,
+                last_seen_unix_ns,
             );
         }
         self.symbolizer.end_window();

@@ -110,6 +110,9 @@ pub struct Sample {
     pub frames: Vec<FrameId>,
     /// Number of samples (for [`SampleKind::OnCpu`]).
     pub count: u64,
+    /// Wall-clock time (Unix nanoseconds) this stack was last sampled; 0
+    /// when the source did not say (folded files, pprof).
+    pub last_seen_unix_ns: u64,
 }
 
 /// When, where and how a profile was taken.
@@ -167,6 +170,48 @@ impl Profile {
             .iter()
             .rev()
             .map(move |&f| &*self.frame(f).function)
+    }
+
+    /// The profile with only the samples `keep` accepts. The tables are
+    /// rebuilt, so frames, mappings and processes that only dropped samples
+    /// used are gone too (a filtered pprof should not list them).
+    pub fn retain_samples(self, keep: impl Fn(&Process, &Sample) -> bool) -> Profile {
+        let mut kept = ProfileBuilder::new(self.meta.clone());
+        // Old id → new id, filled in on first use.
+        let mut processes: Vec<Option<ProcessId>> = vec![None; self.processes.len()];
+        let mut frames: Vec<Option<FrameId>> = vec![None; self.frames.len()];
+        let mut mappings: Vec<Option<MappingId>> = vec![None; self.mappings.len()];
+        for sample in &self.samples {
+            let process = self.process(sample.process);
+            if !keep(process, sample) {
+                continue;
+            }
+            let process_id = *processes[sample.process as usize]
+                .get_or_insert_with(|| kept.intern_process(process));
+            let stack = sample
+                .frames
+                .iter()
+                .map(|&f| {
+                    *frames[f as usize].get_or_insert_with(|| {
+                        let mut frame = self.frame(f).clone();
+                        frame.mapping = frame.mapping.map(|m| {
+                            *mappings[m as usize]
+                                .get_or_insert_with(|| kept.intern_mapping(self.mapping(m)))
+                        });
+                        kept.intern_frame(&frame)
+                    })
+                })
+                .collect();
+            kept.add_sample_seen(
+                process_id,
+                sample.tid,
+                sample.thread_name.clone(),
+                stack,
+                sample.count,
+                sample.last_seen_unix_ns,
+            );
+        }
+        kept.build()
     }
 }
 
@@ -240,6 +285,21 @@ impl ProfileBuilder {
         frames: Vec<FrameId>,
         count: u64,
     ) {
+        self.add_sample_seen(process, tid, thread_name, frames, count, 0);
+    }
+
+    /// [`add_sample`](Self::add_sample) for a source that knows when the
+    /// stack was last sampled (Unix nanoseconds); merged samples keep the
+    /// latest time.
+    pub fn add_sample_seen(
+        &mut self,
+        process: ProcessId,
+        tid: u32,
+        thread_name: Arc<str>,
+        frames: Vec<FrameId>,
+        count: u64,
+        last_seen_unix_ns: u64,
+    ) {
         let key = SampleKey {
             process,
             tid,
@@ -247,7 +307,9 @@ impl ProfileBuilder {
             frames,
         };
         if let Some(&i) = self.sample_ids.get(&key) {
-            self.samples[i].count += count;
+            let sample = &mut self.samples[i];
+            sample.count += count;
+            sample.last_seen_unix_ns = sample.last_seen_unix_ns.max(last_seen_unix_ns);
             return;
         }
         self.samples.push(Sample {
@@ -256,6 +318,7 @@ impl ProfileBuilder {
             thread_name: key.thread_name.clone(),
             frames: key.frames.clone(),
             count,
+            last_seen_unix_ns,
         });
         self.sample_ids.insert(key, self.samples.len() - 1);
     }
@@ -284,12 +347,13 @@ impl ProfileBuilder {
             .collect();
         for s in &other.samples {
             let frames = s.frames.iter().map(|&f| frame_ids[f as usize]).collect();
-            self.add_sample(
+            self.add_sample_seen(
                 process_ids[s.process as usize],
                 s.tid,
                 s.thread_name.clone(),
                 frames,
                 s.count,
+                s.last_seen_unix_ns,
             );
         }
         let start = self.meta.start.min(other.meta.start);

@@ -8,6 +8,10 @@ use std::time::Duration;
 
 use hearth::profile::Profile;
 
+pub mod daemon;
+pub mod otlp_check;
+pub mod otlp_receiver;
+
 /// The hearth binary under test; `cargo xtask test` sets `HEARTH_BIN`.
 pub fn hearth_bin() -> PathBuf {
     let bin = std::env::var_os("HEARTH_BIN").map(PathBuf::from).expect(

@@ -32,8 +32,9 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Overhead of `hearth record` against perf and bpftrace (as root).
-    Bench,
+    /// Overhead benchmarks (as root): `record` against perf and bpftrace,
+    /// `daemon` in steady state; both by default.
+    Bench { which: Option<bench::Which> },
     /// Formatting, lints, unit and integration tests (as root).
     Test {
         /// Only run tests whose name contains this.
@@ -48,6 +49,6 @@ fn main() -> Result<()> {
         Cmd::BuildEbpf => build::build_ebpf().map(|p| println!("{}", p.display())),
         Cmd::Run { args } => build::run_hearth(&args),
         Cmd::Test { filter } => build::test(filter.as_deref()),
-        Cmd::Bench => bench::bench(),
+        Cmd::Bench { which } => bench::bench(which),
     }
 }

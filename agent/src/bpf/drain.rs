@@ -10,7 +10,9 @@ use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
 use aya::maps::{HashMap as BpfHashMap, Map, PerCpuArray, PerCpuHashMap, StackTraceMap};
-use hearth_ebpf::{names, SampleKey, Stat, UserStack, SAMPLE_IN_KERNEL, USER_STACK_TRUNCATED};
+use hearth_ebpf::{
+    names, SampleCount, SampleKey, Stat, UserStack, SAMPLE_IN_KERNEL, USER_STACK_TRUNCATED,
+};
 
 use super::loader::{set_active_window, Sampler};
 use super::{map_error, BpfError, SampleSource};
@@ -34,6 +36,8 @@ pub struct RawSample {
     /// The sample interrupted kernel mode.
     pub in_kernel: bool,
     pub count: u64,
+    /// Wall-clock time of the latest of these samples.
+    pub last_seen: SystemTime,
 }
 
 /// A user stack as the kernel walked it.
@@ -121,20 +125,23 @@ impl Sampler {
 
     /// Reads and empties a count map, summing each key's per-CPU counts.
     fn take_counts(&mut self, name: &'static str) -> Result<Vec<RawSample>, BpfError> {
-        let mut map: PerCpuHashMap<_, SampleKey, u64> =
+        let mut map: PerCpuHashMap<_, SampleKey, SampleCount> =
             PerCpuHashMap::try_from(self.map_mut(name)?).map_err(map_error(name))?;
         let mut entries = Vec::new();
         for item in map.iter() {
             let (key, per_cpu) = item.map_err(map_error(name))?;
-            entries.push((key, per_cpu.iter().sum::<u64>()));
+            let count = per_cpu.iter().map(|c| c.count).sum::<u64>();
+            let last_seen_ns = per_cpu.iter().map(|c| c.last_seen_ns).max().unwrap_or(0);
+            entries.push((key, count, last_seen_ns));
         }
-        for (key, _) in &entries {
+        for (key, _, _) in &entries {
             map.remove(key).map_err(map_error(name))?;
         }
+        let clock = MonotonicClock::now();
         Ok(entries
             .into_iter()
-            .filter(|&(_, count)| count > 0)
-            .map(|(key, count)| RawSample {
+            .filter(|&(_, count, _)| count > 0)
+            .map(|(key, count, last_seen_ns)| RawSample {
                 tgid: key.tgid,
                 tid: key.tid,
                 comm: comm_to_string(&key.comm),
@@ -142,6 +149,7 @@ impl Sampler {
                 kernel_stack: u32::try_from(key.kernel_stack).ok(),
                 in_kernel: key.flags & SAMPLE_IN_KERNEL != 0,
                 count,
+                last_seen: clock.to_wall(last_seen_ns),
             })
             .collect())
     }
@@ -210,6 +218,34 @@ impl Sampler {
 fn comm_to_string(comm: &[u8; 16]) -> String {
     let len = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
     String::from_utf8_lossy(&comm[..len]).into_owned()
+}
+
+/// Converts `bpf_ktime_get_ns` readings (CLOCK_MONOTONIC) to wall-clock
+/// time, using both clocks read at one moment.
+struct MonotonicClock {
+    wall: SystemTime,
+    monotonic_ns: u64,
+}
+
+impl MonotonicClock {
+    fn now() -> Self {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes into a local timespec.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        Self {
+            wall: SystemTime::now(),
+            monotonic_ns: (ts.tv_sec as u64)
+                .saturating_mul(1_000_000_000)
+                .saturating_add(ts.tv_nsec as u64),
+        }
+    }
+
+    fn to_wall(&self, monotonic_ns: u64) -> SystemTime {
+        self.wall - Duration::from_nanos(self.monotonic_ns.saturating_sub(monotonic_ns))
+    }
 }
 
 #[cfg(test)]

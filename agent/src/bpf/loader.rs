@@ -88,14 +88,32 @@ impl Sampler {
         }
         set_active_window(&mut ebpf, 0)?;
 
-        let program = on_cpu_program(&mut ebpf)?;
-        program.load().map_err(program_error)?;
+        on_cpu_program(&mut ebpf)?.load().map_err(program_error)?;
+        let mut sampler = Self {
+            ebpf,
+            frequency_hz: opts.frequency_hz,
+            active_window: 0,
+            window_start: SystemTime::now(),
+            stats_seen: [0; Stat::COUNT as usize],
+            links: Vec::new(),
+        };
+        sampler.resume(opts.frequency_hz)?;
+        Ok(sampler)
+    }
+
+    /// Attaches the program to every online CPU at `frequency_hz` (after
+    /// [`stop`](Self::stop), or to change the frequency: stop, drain,
+    /// resume, so each window has one frequency).
+    pub fn resume(&mut self, frequency_hz: u64) -> Result<(), BpfError> {
+        if !self.links.is_empty() {
+            self.stop()?;
+        }
         // The CPU clock counts nanoseconds: a fixed period gives exactly
         // `frequency_hz` samples per second of CPU time, with no adaptive
         // period as in frequency mode.
-        let period_ns = 1_000_000_000 / opts.frequency_hz.max(1);
+        let period_ns = 1_000_000_000 / frequency_hz.max(1);
         let cpus = aya::util::online_cpus().map_err(|(_, e)| BpfError::Cpus(e))?;
-        let mut links = Vec::with_capacity(cpus.len());
+        let program = on_cpu_program(&mut self.ebpf)?;
         for cpu in cpus {
             let link = program
                 .attach(
@@ -105,17 +123,10 @@ impl Sampler {
                     false,
                 )
                 .map_err(program_error)?;
-            links.push(link);
+            self.links.push(link);
         }
-
-        Ok(Self {
-            ebpf,
-            frequency_hz: opts.frequency_hz,
-            active_window: 0,
-            window_start: SystemTime::now(),
-            stats_seen: [0; Stat::COUNT as usize],
-            links,
-        })
+        self.frequency_hz = frequency_hz;
+        Ok(())
     }
 
     /// Stops sampling on every CPU but keeps the maps, so a final

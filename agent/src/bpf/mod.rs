@@ -110,6 +110,16 @@ mod tests {
                 if let Some(id) = s.kernel_stack {
                     assert!(window.kernel_stacks.contains_key(&id));
                 }
+                // Last-seen times fall inside the window (clock conversion
+                // error is microseconds; allow a little).
+                let slack = Duration::from_millis(20);
+                assert!(
+                    s.last_seen + slack >= window.start && s.last_seen <= window.end + slack,
+                    "last seen {:?} outside {:?}..{:?}",
+                    s.last_seen,
+                    window.start,
+                    window.end
+                );
             }
         }
         drop(sampler);
@@ -122,6 +132,35 @@ mod tests {
                 + stats.get(Stat::Recorded)
                 + stats.lost(),
             "every sample is accounted for: {stats:?}"
+        );
+    }
+
+    /// Changing the frequency between windows (stop, drain, resume) keeps
+    /// sampling at the new rate.
+    #[test]
+    fn resume_changes_the_frequency() {
+        let me = std::process::id();
+        let mut sampler = Sampler::start(&SamplerOptions {
+            frequency_hz: 997,
+            pids: vec![me],
+            ..SamplerOptions::default()
+        })
+        .expect("loading the eBPF programs (needs root and BPF)");
+        let own = |sampler: &mut Sampler| {
+            burn(Duration::from_millis(400));
+            sampler.stop().unwrap();
+            let window = sampler.drain().unwrap();
+            window.samples.iter().map(|s| s.count).sum::<u64>()
+        };
+        let fast = own(&mut sampler);
+        sampler.resume(97).unwrap();
+        assert_eq!(sampler.frequency_hz(), 97);
+        let slow = own(&mut sampler);
+        // 400 ms of CPU: about 400 vs 40 samples.
+        assert!(fast > 250, "{fast} samples at 997 Hz");
+        assert!(
+            slow > 10 && slow * 4 < fast,
+            "{slow} at 97 Hz vs {fast} at 997 Hz"
         );
     }
 

@@ -7,9 +7,12 @@
 //! lines), and gzipped [`pprof`] (which can also be decoded back). The
 //! output format is chosen by file extension ([`OutputFormat::from_path`]).
 
+pub mod delivery;
 pub mod flamegraph;
 pub mod folded;
+pub mod otlp;
 pub mod pprof;
+pub mod store;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};

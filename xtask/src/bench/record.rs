@@ -1,4 +1,4 @@
-//! `cargo xtask bench`: overhead of a host-wide `hearth record` against
+//! `cargo xtask bench record`: overhead of a host-wide `hearth record` against
 //! `perf record` and bpftrace on the same busy workload. The three run at
 //! the same time, so each round compares them under identical conditions
 //! (this VM's speed drifts by 2× within a minute); three rounds.
@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::build::build_all;
 use crate::util::{run, workspace_root};
 
 const SECONDS: u64 = 20;
@@ -30,12 +29,9 @@ struct Measurement {
     bpf: Option<(u64, u64)>,
 }
 
-pub fn bench() -> Result<()> {
+pub fn bench(hearth: &Path, dir: &Path) -> Result<()> {
     ensure_tools()?;
-    let hearth = build_all()?;
-    let dir = workspace_root().join("target/bench");
-    std::fs::create_dir_all(&dir)?;
-    let workload = build_workload(&dir)?;
+    let workload = build_workload(dir)?;
 
     std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1")
         .context("enabling kernel.bpf_stats_enabled (needs root)")?;
@@ -51,7 +47,7 @@ pub fn bench() -> Result<()> {
     let mut report_text = String::new();
     for round in 1..=ROUNDS {
         eprintln!("bench: round {round}/{ROUNDS}: hearth, perf and bpftrace together for {SECONDS}s at {HZ} Hz, {cpus} busy CPUs");
-        let results = measure_together(tool_commands(&hearth, &dir))?;
+        let results = measure_together(tool_commands(hearth, dir))?;
         report_text.push_str(&format!("Round {round}:\n\n{}\n", report(&results)));
     }
     drop(cleanup);
@@ -70,7 +66,7 @@ const ROUNDS: u32 = 3;
 
 /// Processes to kill (and bpf_stats to switch off) when the bench ends, on
 /// success or error.
-struct Cleanup(Vec<Child>);
+pub(super) struct Cleanup(pub(super) Vec<Child>);
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
@@ -205,7 +201,7 @@ fn poll_until_done(tools: Vec<(&'static str, Command)>, running: &mut Vec<Runnin
 }
 
 /// (prog id → (run_time_ns, run_cnt)) for every BPF program fd `pid` holds.
-fn bpf_prog_stats(pid: i32) -> HashMap<u64, (u64, u64)> {
+pub(super) fn bpf_prog_stats(pid: i32) -> HashMap<u64, (u64, u64)> {
     let mut out = HashMap::new();
     let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
         return out;
@@ -228,7 +224,7 @@ fn bpf_prog_stats(pid: i32) -> HashMap<u64, (u64, u64)> {
     out
 }
 
-fn build_workload(dir: &Path) -> Result<std::path::PathBuf> {
+pub(super) fn build_workload(dir: &Path) -> Result<std::path::PathBuf> {
     let out = dir.join("cpu_split");
     run(Command::new("gcc")
         .args([

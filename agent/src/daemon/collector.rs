@@ -1,0 +1,254 @@
+//! The collector thread: owns the loaded programs, drains a window every
+//! interval (±10% jitter), symbolizes and tags it, and hands the profile to
+//! the export thread. It never waits on an exporter: the hand-off is an
+//! unbounded channel that the export thread empties with local work only.
+//!
+//! The symbolizer is not `Send` (blazesym keeps `Rc`s), which is why this is
+//! a thread of its own rather than a task.
+
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::{debug, info, warn};
+
+use super::governor::{ChangeReason, CpuMeter, Governor, GovernorConfig};
+use super::DaemonError;
+use crate::bpf::{BpfError, SampleSource, Sampler, SamplerOptions, Stat};
+use crate::metrics::Metrics;
+use crate::pipeline::WindowProcessor;
+use crate::profile::Profile;
+use crate::symbolize::{BlazeSymbolizer, Symbolize, SymbolizerConfig};
+
+/// Commands from the daemon to the collector thread.
+#[derive(Debug)]
+pub enum CollectorCommand {
+    /// Stop sampling, drain the last partial window, hand it over and exit.
+    Stop,
+}
+
+/// Windows after start-up during which the governor only watches.
+const GOVERNOR_WARMUP_WINDOWS: u32 = 2;
+
+/// What the collector thread needs to start.
+#[derive(Debug, Clone)]
+pub struct CollectorOptions {
+    pub interval: Duration,
+    pub governor: GovernorConfig,
+    pub debuginfo: bool,
+}
+
+/// Starts sampling on a new thread. Returns once the programs are attached
+/// (or failed to attach), so start-up errors reach the caller.
+pub fn spawn(
+    options: CollectorOptions,
+    metrics: Arc<Metrics>,
+    windows: Sender<Profile>,
+    commands: Receiver<CollectorCommand>,
+) -> Result<std::thread::JoinHandle<Result<(), BpfError>>, DaemonError> {
+    let (started_tx, started_rx) = std::sync::mpsc::sync_channel(1);
+    let handle = std::thread::Builder::new()
+        .name("hearth-collector".into())
+        .spawn(move || run(options, metrics, windows, commands, started_tx))
+        .map_err(DaemonError::Thread)?;
+    match started_rx.recv() {
+        Ok(Ok(())) => Ok(handle),
+        Ok(Err(e)) => {
+            let _ = handle.join();
+            Err(DaemonError::Bpf(e))
+        }
+        Err(_) => Err(DaemonError::Thread(std::io::Error::other(
+            "the collector thread exited during start-up",
+        ))),
+    }
+}
+
+fn run(
+    options: CollectorOptions,
+    metrics: Arc<Metrics>,
+    windows: Sender<Profile>,
+    commands: Receiver<CollectorCommand>,
+    started: SyncSender<Result<(), BpfError>>,
+) -> Result<(), BpfError> {
+    let mut governor = Governor::new(options.governor);
+    let sampler = Sampler::start(&SamplerOptions {
+        frequency_hz: governor.frequency_hz(),
+        ..SamplerOptions::default()
+    });
+    let mut sampler = match sampler {
+        Ok(s) => s,
+        Err(e) => {
+            // Reported through the channel; the caller gives up.
+            let _ = started.send(Err(e));
+            return Ok(());
+        }
+    };
+    let _ = started.send(Ok(()));
+    Metrics::set(&metrics.frequency_hz, sampler.frequency_hz());
+    info!(
+        frequency_hz = sampler.frequency_hz(),
+        interval = ?options.interval,
+        "sampling every process"
+    );
+
+    let mut collector = Collector {
+        processor: WindowProcessor::new(BlazeSymbolizer::with_config(SymbolizerConfig {
+            debug_syms: options.debuginfo,
+            ..SymbolizerConfig::default()
+        })),
+        metrics,
+        windows,
+    };
+    let mut meter = match CpuMeter::new() {
+        Ok(m) => Some(m),
+        Err(e) => {
+            warn!(error = %e, "cannot measure CPU use; the overhead governor is off");
+            None
+        }
+    };
+    // The first windows symbolize every process on the host from cold
+    // caches; that one-off cost says nothing about the steady state the
+    // governor budgets for.
+    let mut warmup_windows = GOVERNOR_WARMUP_WINDOWS;
+    let jitter = Jitter::new();
+    let mut next_drain = Instant::now() + jitter.apply(options.interval);
+    loop {
+        let wait = next_drain.saturating_duration_since(Instant::now());
+        match commands.recv_timeout(wait) {
+            Ok(CollectorCommand::Stop) | Err(RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+        next_drain += jitter.apply(options.interval);
+
+        let change = meter.as_mut().and_then(|m| match m.observe() {
+            Ok(_) if warmup_windows > 0 => {
+                warmup_windows -= 1;
+                None
+            }
+            Ok(observation) => governor.observe(observation),
+            Err(e) => {
+                debug!(error = %e, "CPU reading failed; governor skips this window");
+                None
+            }
+        });
+        match change {
+            None => collector.drain(&mut sampler)?,
+            Some(change) => {
+                // Stop, drain, resume: the drained window was sampled at
+                // the old frequency only, the next at the new one.
+                sampler.stop()?;
+                collector.drain(&mut sampler)?;
+                sampler.resume(change.to_hz)?;
+                match change.reason {
+                    ChangeReason::Lowered(pressure) => warn!(
+                        from_hz = change.from_hz,
+                        to_hz = change.to_hz,
+                        ?pressure,
+                        "overhead governor lowered the sampling frequency"
+                    ),
+                    ChangeReason::Restored => info!(
+                        from_hz = change.from_hz,
+                        to_hz = change.to_hz,
+                        "overhead governor raised the sampling frequency"
+                    ),
+                }
+                Metrics::add(&collector.metrics.frequency_changes, 1);
+                Metrics::set(&collector.metrics.frequency_hz, change.to_hz);
+            }
+        }
+    }
+    // Stop first so the final drain holds everything sampled.
+    sampler.stop()?;
+    collector.drain(&mut sampler)?;
+    info!("sampling stopped; programs detached");
+    Ok(())
+}
+
+/// The per-window work after the drain.
+struct Collector {
+    processor: WindowProcessor<BlazeSymbolizer>,
+    metrics: Arc<Metrics>,
+    windows: Sender<Profile>,
+}
+
+impl Collector {
+    fn drain(&mut self, sampler: &mut Sampler) -> Result<(), BpfError> {
+        let window = sampler.drain()?;
+        let profile = self.processor.process(&window, sampler.frequency_hz());
+        let m = &self.metrics;
+        for stat in Stat::ALL {
+            Metrics::add(&m.bpf_events[stat as usize], window.stats.get(stat));
+        }
+        if window.stats.lost() > 0 {
+            warn!(
+                lost = window.stats.lost(),
+                "samples lost in the kernel this window (maps full)"
+            );
+        }
+        Metrics::add(&m.windows_collected, 1);
+        Metrics::add(&m.samples_collected, profile.total_count());
+        let sym = self.processor.symbolizer().stats();
+        Metrics::set(&m.symbol_cache_hits, sym.cache_hits);
+        Metrics::set(&m.symbol_cache_misses, sym.cache_misses);
+        m.ready.store(true, Ordering::Relaxed);
+        debug!(
+            samples = profile.total_count(),
+            stacks = profile.samples.len(),
+            processes = profile.processes.len(),
+            "window drained"
+        );
+        // The export thread only goes away when the daemon is stopping, and
+        // then this is the last window anyway.
+        if self.windows.send(profile).is_err() {
+            warn!("export thread gone; window dropped");
+        }
+        Ok(())
+    }
+}
+
+/// ±10% random jitter, so a fleet started at once does not report in
+/// lock-step.
+struct Jitter(RandomState);
+
+impl Jitter {
+    fn new() -> Self {
+        Jitter(RandomState::new())
+    }
+
+    fn apply(&self, interval: Duration) -> Duration {
+        // RandomState is seeded randomly per process; hashing the time
+        // gives a fresh value per call without a random-number crate.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let unit = (self.0.hash_one(nanos) >> 11) as f64 / (1u64 << 53) as f64;
+        interval.mul_f64(0.9 + 0.2 * unit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_ten_percent_and_varies() {
+        let jitter = Jitter::new();
+        let interval = Duration::from_secs(10);
+        let values: Vec<Duration> = (0..200).map(|_| jitter.apply(interval)).collect();
+        for v in &values {
+            assert!(
+                *v >= Duration::from_secs(9) && *v <= Duration::from_secs(11),
+                "{v:?}"
+            );
+        }
+        let distinct: std::collections::HashSet<_> = values.iter().collect();
+        assert!(
+            distinct.len() > 100,
+            "jitter barely varies: {}",
+            distinct.len()
+        );
+    }
+}
