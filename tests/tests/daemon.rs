@@ -49,6 +49,7 @@ fn run_fills_the_store_and_flamegraph_renders_it() {
     );
     daemon.wait_ready(Duration::from_secs(20));
     std::thread::sleep(Duration::from_millis(2500));
+    let signalled = std::time::SystemTime::now();
     let stopped = daemon.stop();
     let cpu_used = fixture.cpu_time() - cpu_before;
     assert!(
@@ -65,6 +66,13 @@ fn run_fills_the_store_and_flamegraph_renders_it() {
         let p = read_pprof(w);
         assert_eq!(p.meta.frequency_hz, 99, "{}", w.display());
     }
+    // Shutdown flush: the last partial window, drained after the signal,
+    // was stored.
+    let last = read_pprof(windows.last().unwrap());
+    assert!(
+        last.meta.start + last.meta.duration >= signalled,
+        "the last stored window ends before SIGTERM was sent"
+    );
 
     let pid = fixture.pid().to_string();
     let folded = dir.join("fixture.folded");

@@ -5,7 +5,7 @@
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hearth_integration_tests::daemon::Daemon;
 use hearth_integration_tests::otlp_check::{check_request, stacks, DecodedSample};
@@ -97,6 +97,7 @@ fn otlp_export_is_valid_symbolized_and_tagged() {
     );
     daemon.wait_ready(Duration::from_secs(20));
     std::thread::sleep(Duration::from_millis(3000));
+    let signalled = unix_nanos(SystemTime::now());
     let stopped = daemon.stop();
     assert!(stopped.status.success(), "{}", stopped.log);
 
@@ -142,7 +143,19 @@ fn otlp_export_is_valid_symbolized_and_tagged() {
     assert!((share(leaf[0]) - 60.0).abs() < 10.0, "{leaf:?} of {all}");
     assert!((share(leaf[1]) - 30.0).abs() < 10.0, "{leaf:?} of {all}");
     assert!(leaf.iter().sum::<i64>() as f64 >= 0.95 * all as f64);
-    assert_contiguous(&windows(&samples));
+    let windows = windows(&samples);
+    assert_contiguous(&windows);
+    // Shutdown flush: the last partial window, drained after the signal,
+    // was delivered.
+    let (start, duration, _) = windows.last().unwrap();
+    assert!(
+        start + duration >= signalled,
+        "the last window ends before SIGTERM was sent"
+    );
+}
+
+fn unix_nanos(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64
 }
 
 /// The backend is down for three windows, then up: every window arrives,

@@ -12,7 +12,9 @@
 //! - RSS now and peak (VmRSS, VmHWM), BPF map memory (fdinfo `memlock`);
 //! - bytes exported per sample, from the agent's own metrics.
 //!
-//! Results go to `target/bench/daemon.md`.
+//! The overhead governor is switched off (the host is saturated on purpose,
+//! which would make it lower the frequency) so each row is measured at its
+//! stated frequency. Results go to `target/bench/daemon.md`.
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -154,7 +156,10 @@ fn measure(
 ) -> Result<Result1> {
     let metrics_addr = free_addr()?;
     let mut cmd = Command::new(hearth);
+    // The governor would (rightly) lower the frequency on this saturated
+    // host; the bench measures the cost at the stated frequency.
     cmd.args(["run", "-F", &hz.to_string(), "--interval", "10s"])
+        .args(["--max-host-load-percent", "100", "--max-cpu-percent", "100"])
         .args(["--metrics-addr", &metrics_addr.to_string()])
         .env("HEARTH_LOG", "warn")
         .stdout(Stdio::null());
