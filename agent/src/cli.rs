@@ -27,6 +27,15 @@ pub enum Command {
     /// Render a flame graph (or folded/pprof file) from the local store or
     /// from profile files.
     Flamegraph(FlamegraphArgs),
+    /// Compare two profiles: a differential flame graph (red grew, blue
+    /// shrank) and the functions whose share changed most.
+    Diff(DiffArgs),
+    /// Rank functions by self or total share; `--live` samples the host and
+    /// refreshes like `perf top`.
+    Top(TopArgs),
+    /// CI gate: exit 1 when a function's share passes its budget or grows
+    /// more than allowed between BASE and NEW.
+    Check(CheckArgs),
 }
 
 #[derive(Debug, Args)]
@@ -66,8 +75,10 @@ pub struct RecordArgs {
     pub kernel_btf: PathBuf,
 }
 
-#[derive(Debug, Args)]
-pub struct FlamegraphArgs {
+/// Where profiles are read from: files and/or a local store selection,
+/// filtered by process. Shared by the commands that read profiles back.
+#[derive(Debug, Clone, Default, Args)]
+pub struct SourceArgs {
     /// Profile files to merge (.pb.gz/.pprof or .folded).
     #[arg(value_name = "FILE")]
     pub inputs: Vec<PathBuf>,
@@ -94,6 +105,12 @@ pub struct FlamegraphArgs {
     /// Only samples of processes with this name (repeatable).
     #[arg(long = "process", value_name = "NAME")]
     pub processes: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct FlamegraphArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
 
     /// Output file, format by extension: .svg, .folded, .pb.gz. Repeatable.
     #[arg(short, long = "output", value_name = "FILE", required = true)]
@@ -102,6 +119,167 @@ pub struct FlamegraphArgs {
     /// Flame graph title (default: what, when and where).
     #[arg(long)]
     pub title: Option<String>,
+}
+
+/// Two profiles to compare: `BASE NEW` files (pprof or folded), or two
+/// time ranges of one store, with the same process filter for both.
+#[derive(Debug, Clone, Default, Args)]
+pub struct CompareArgs {
+    /// BASE and NEW profile files (.pb.gz/.pprof or .folded). With --store,
+    /// leave them out.
+    #[arg(value_name = "FILE", num_args = 0..=2)]
+    pub files: Vec<PathBuf>,
+
+    /// Compare two time ranges of this local store instead.
+    #[arg(long, value_name = "DIR")]
+    pub store: Option<PathBuf>,
+
+    /// With --store: start of the BASE range (10m, 2h, or an RFC 3339 time).
+    #[arg(long, value_name = "WHEN")]
+    pub base_since: Option<String>,
+
+    /// With --store: end of the BASE range.
+    #[arg(long, value_name = "WHEN")]
+    pub base_until: Option<String>,
+
+    /// With --store: start of the NEW range.
+    #[arg(long, value_name = "WHEN")]
+    pub since: Option<String>,
+
+    /// With --store: end of the NEW range (default: now).
+    #[arg(long, value_name = "WHEN")]
+    pub until: Option<String>,
+
+    /// Only samples of this process id (repeatable).
+    #[arg(short, long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+
+    /// Only samples of processes with this name (repeatable).
+    #[arg(long = "process", value_name = "NAME")]
+    pub processes: Vec<String>,
+}
+
+impl CompareArgs {
+    /// The BASE and NEW sources. BASE is `None` when only NEW was given
+    /// (one file, or a store without a BASE range), which `check` accepts
+    /// for budgets alone.
+    pub fn sources(&self) -> Result<(Option<SourceArgs>, SourceArgs), String> {
+        let source =
+            |inputs: Vec<PathBuf>, since: &Option<String>, until: &Option<String>| SourceArgs {
+                inputs,
+                store: self
+                    .store
+                    .clone()
+                    .filter(|_| since.is_some() || until.is_some()),
+                since: since.clone(),
+                until: until.clone(),
+                pids: self.pids.clone(),
+                processes: self.processes.clone(),
+            };
+        match (&self.store, self.files.as_slice()) {
+            (None, [base, new]) => Ok((
+                Some(source(vec![base.clone()], &None, &None)),
+                source(vec![new.clone()], &None, &None),
+            )),
+            (None, [new]) => Ok((None, source(vec![new.clone()], &None, &None))),
+            (None, []) => Err("give BASE and NEW profile files, or --store DIR with \
+                 --base-since/--base-until and --since/--until"
+                .into()),
+            (None, _) => Err("at most two files: BASE and NEW".into()),
+            (Some(_), [_, ..]) => Err("with --store, select BASE and NEW with \
+                 --base-since/--base-until and --since/--until instead of files"
+                .into()),
+            (Some(dir), []) => {
+                let base = (self.base_since.is_some() || self.base_until.is_some())
+                    .then(|| source(Vec::new(), &self.base_since, &self.base_until));
+                // NEW without a range: the whole store from its start.
+                let mut new = source(Vec::new(), &self.since, &self.until);
+                new.store = Some(dir.clone());
+                Ok((base, new))
+            }
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    #[command(flatten)]
+    pub compare: CompareArgs,
+
+    /// Output, by extension: .svg (differential flame graph) or .txt (the
+    /// change report). Repeatable; the report also goes to stdout.
+    #[arg(short, long = "output", value_name = "FILE")]
+    pub outputs: Vec<PathBuf>,
+
+    /// Functions listed in the report.
+    #[arg(short = 'n', long, default_value_t = 20)]
+    pub limit: usize,
+}
+
+/// What `hearth top` ranks by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RankBy {
+    /// Samples where the function is the leaf.
+    #[value(name = "self")]
+    SelfShare,
+    /// Samples where the function is anywhere on the stack.
+    Total,
+}
+
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+
+    /// Rank by self or total share.
+    #[arg(long, value_enum, default_value = "self")]
+    pub by: RankBy,
+
+    /// Rows to show.
+    #[arg(short = 'n', long, default_value_t = 20)]
+    pub limit: usize,
+
+    /// An earlier profile file to show the trend against.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["compare_since", "compare_until"])]
+    pub compare_with: Option<PathBuf>,
+
+    /// With --store: start of the earlier range to show the trend against.
+    #[arg(long, value_name = "WHEN")]
+    pub compare_since: Option<String>,
+
+    /// With --store: end of the earlier range.
+    #[arg(long, value_name = "WHEN")]
+    pub compare_until: Option<String>,
+
+    /// Sample the host now and refresh the table every --refresh, like
+    /// `perf top` (Ctrl-C ends).
+    #[arg(long, conflicts_with_all = ["inputs", "store", "compare_with"])]
+    pub live: bool,
+
+    /// With --live: samples per second per CPU.
+    #[arg(short = 'F', long, default_value_t = 99,
+          value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub frequency: u64,
+
+    /// With --live: how often the table is redrawn.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub refresh: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub compare: CompareArgs,
+
+    /// Budget `FUNCTION=PERCENT` of total samples (self share by default;
+    /// `total:FUNCTION=PERCENT` for the total share). Repeatable.
+    #[arg(long = "max", value_name = "FUNCTION=PERCENT")]
+    pub budgets: Vec<String>,
+
+    /// Largest allowed growth of any function's share from BASE to NEW, in
+    /// percentage points (`10%` = 10 points).
+    #[arg(long, value_name = "PERCENT")]
+    pub max_regression: Option<String>,
 }
 
 /// Parses `500ms`, `10s`, `2m`, `1h`; a bare number means seconds.

@@ -5,6 +5,7 @@
 //! one internal model) → [`export`] (folded, flame graph, pprof). [`record`]
 //! drives that flow for one-shot recordings. See `docs/ARCHITECTURE.md`.
 
+pub mod analysis;
 pub mod bpf;
 pub mod cli;
 pub mod config;

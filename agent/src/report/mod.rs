@@ -1,4 +1,5 @@
-//! Commands that read profiles back: `hearth flamegraph`.
+//! Commands that read profiles back: `hearth flamegraph` (here), `hearth
+//! diff`, `hearth top` and `hearth check` (submodules).
 //!
 //! Sources are profile files given as arguments (gzipped pprof `.pb.gz` /
 //! `.pprof`, or `.folded` stacks, told apart by extension) and/or the
@@ -23,8 +24,15 @@
 //! | 0 | every output written |
 //! | 1 | anything else: an input or the store directory cannot be read, an input or every selected window is damaged, rendering failed |
 //! | 2 | usage: no source, unknown input or output extension, `--since`/`--until` invalid, without `--store`, or in the wrong order |
+//! | 3 | `top --live`: missing privileges |
+//! | 4 | `top --live`: the kernel has no BTF |
+//! | 5 | `top --live --pid`: no such process |
 //! | 6 | an output cannot be written |
 //! | 7 | nothing matched: the store is empty, has no windows in the time range, or no samples remain after the process filter |
+
+pub mod check;
+pub mod diff;
+pub mod top;
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
@@ -33,7 +41,7 @@ use std::time::SystemTime;
 
 use tracing::{debug, warn};
 
-use crate::cli::{parse_duration, FlamegraphArgs};
+use crate::cli::{parse_duration, FlamegraphArgs, SourceArgs};
 use crate::export::store::{self, show_time, Selection, StoreError};
 use crate::export::{self, flamegraph as svg, folded, pprof, ExportError, OutputFormat};
 use crate::profile::{Profile, SampleKind};
@@ -71,6 +79,12 @@ pub enum ReportError {
     /// Sources were read but no sample is left.
     #[error("{0}")]
     NoSamples(String),
+    /// `hearth top --live` could not sample (privileges, BTF, loading).
+    #[error(transparent)]
+    Bpf(crate::bpf::BpfError),
+    /// `hearth top --live --pid` named a process that does not exist.
+    #[error("process {0} does not exist")]
+    NoSuchProcess(u32),
 }
 
 impl ReportError {
@@ -83,11 +97,16 @@ impl ReportError {
             | ReportError::BadTime { .. } => 2,
             ReportError::Unwritable { .. } => 6,
             ReportError::NoSamples(_) => 7,
+            // The same codes as `hearth record`.
+            ReportError::Bpf(crate::bpf::BpfError::Privileges { .. }) => 3,
+            ReportError::Bpf(crate::bpf::BpfError::NoBtf { .. }) => 4,
+            ReportError::NoSuchProcess(_) => 5,
             ReportError::Store(e) if e.is_nothing_matched() => 7,
             ReportError::Store(_)
             | ReportError::ReadInput { .. }
             | ReportError::DecodeInput { .. }
-            | ReportError::Render { .. } => 1,
+            | ReportError::Render { .. }
+            | ReportError::Bpf(_) => 1,
         }
     }
 }
@@ -105,7 +124,7 @@ pub struct FlamegraphSummary {
 pub fn flamegraph(args: &FlamegraphArgs) -> Result<FlamegraphSummary, ReportError> {
     let plan = Plan::new(args, SystemTime::now())?;
     check_outputs(&plan.outputs)?;
-    let profile = read(&plan)?;
+    let profile = plan.sources.read()?;
     let title = match &args.title {
         Some(title) => title.clone(),
         None => default_title(&profile, &plan),
@@ -150,18 +169,40 @@ impl InputFormat {
     }
 }
 
-/// The arguments, checked and resolved.
+/// [`SourceArgs`], checked and resolved: what to read.
 #[derive(Debug)]
-struct Plan {
+pub struct Sources {
     inputs: Vec<(PathBuf, InputFormat)>,
     store: Option<PathBuf>,
     /// Times (with `--store`) and the process filter (for every source).
     selection: Selection,
+}
+
+/// The `flamegraph` arguments, checked and resolved.
+#[derive(Debug)]
+struct Plan {
+    sources: Sources,
     outputs: Vec<(PathBuf, OutputFormat)>,
 }
 
 impl Plan {
     fn new(args: &FlamegraphArgs, now: SystemTime) -> Result<Plan, ReportError> {
+        let sources = Sources::new(&args.source, now)?;
+        let outputs = args
+            .outputs
+            .iter()
+            .map(|p| {
+                let format = OutputFormat::from_path(p).map_err(ReportError::UnknownOutput)?;
+                Ok((p.clone(), format))
+            })
+            .collect::<Result<_, ReportError>>()?;
+        Ok(Plan { sources, outputs })
+    }
+}
+
+impl Sources {
+    /// Checks the arguments; `now` anchors relative times like `10m`.
+    pub fn new(args: &SourceArgs, now: SystemTime) -> Result<Sources, ReportError> {
         if args.inputs.is_empty() && args.store.is_none() {
             return Err(ReportError::Usage(
                 "nothing to read: give profile files (.pb.gz, .pprof, .folded) or --store DIR"
@@ -177,14 +218,6 @@ impl Plan {
             .inputs
             .iter()
             .map(|p| Ok((p.clone(), InputFormat::from_path(p)?)))
-            .collect::<Result<_, ReportError>>()?;
-        let outputs = args
-            .outputs
-            .iter()
-            .map(|p| {
-                let format = OutputFormat::from_path(p).map_err(ReportError::UnknownOutput)?;
-                Ok((p.clone(), format))
-            })
             .collect::<Result<_, ReportError>>()?;
         let since = args
             .since
@@ -205,7 +238,7 @@ impl Plan {
                 )));
             }
         }
-        Ok(Plan {
+        Ok(Sources {
             inputs,
             store: args.store.clone(),
             selection: Selection {
@@ -214,8 +247,18 @@ impl Plan {
                 pids: args.pids.clone(),
                 processes: args.processes.clone(),
             },
-            outputs,
         })
+    }
+
+    /// Reads, filters and merges every source; an error when no sample is
+    /// left.
+    pub fn read(&self) -> Result<Profile, ReportError> {
+        read(self)
+    }
+
+    /// The files and store read, for messages and titles.
+    pub fn describe(&self) -> String {
+        describe_sources(self)
     }
 }
 
@@ -239,22 +282,27 @@ fn parse_when(flag: &'static str, text: &str, now: SystemTime) -> Result<SystemT
 /// Proves each output can be created, before anything is read.
 fn check_outputs(outputs: &[(PathBuf, OutputFormat)]) -> Result<(), ReportError> {
     for (path, _) in outputs {
-        let unwritable = |error| ReportError::Unwritable {
-            path: path.clone(),
-            error,
-        };
-        if path.is_dir() {
-            return Err(unwritable(io::Error::other("is a directory")));
-        }
-        let probe = sibling(path, &format!("hearth-probe-{}", std::process::id()));
-        OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&probe)
-            .and_then(|_| fs::remove_file(&probe))
-            .map_err(unwritable)?;
+        check_writable(path)?;
     }
     Ok(())
+}
+
+/// Proves `path` can be created (and leaves nothing behind).
+pub(super) fn check_writable(path: &Path) -> Result<(), ReportError> {
+    let unwritable = |error| ReportError::Unwritable {
+        path: path.to_path_buf(),
+        error,
+    };
+    if path.is_dir() {
+        return Err(unwritable(io::Error::other("is a directory")));
+    }
+    let probe = sibling(path, &format!("hearth-probe-{}", std::process::id()));
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+        .and_then(|_| fs::remove_file(&probe))
+        .map_err(unwritable)
 }
 
 /// A hidden file next to `path`: `.<name>.<tag>`.
@@ -267,7 +315,7 @@ fn sibling(path: &Path, tag: &str) -> PathBuf {
 }
 
 /// Reads, filters and merges every source.
-fn read(plan: &Plan) -> Result<Profile, ReportError> {
+fn read(plan: &Sources) -> Result<Profile, ReportError> {
     let selection = &plan.selection;
     let mut profiles = Vec::new();
     for (path, format) in &plan.inputs {
@@ -313,7 +361,7 @@ fn read_input(path: &Path, format: InputFormat) -> Result<Profile, ReportError> 
     })
 }
 
-fn no_samples_message(plan: &Plan) -> String {
+fn no_samples_message(plan: &Sources) -> String {
     let filter = plan.selection.describe_processes();
     let mut message = String::from("no samples");
     if !filter.is_empty() {
@@ -331,7 +379,7 @@ fn no_samples_message(plan: &Plan) -> String {
 }
 
 /// The files (up to three by name) and store read.
-fn describe_sources(plan: &Plan) -> String {
+fn describe_sources(plan: &Sources) -> String {
     let mut parts = Vec::new();
     match plan.inputs.as_slice() {
         [] => {}
@@ -368,12 +416,12 @@ fn default_title(profile: &Profile, plan: &Plan) -> String {
     if meta.frequency_hz > 0 {
         parts.push(format!("{} Hz", meta.frequency_hz));
     }
-    let filter = plan.selection.describe_processes();
+    let filter = plan.sources.selection.describe_processes();
     if !filter.is_empty() {
         parts.push(filter);
     }
-    if plan.store.is_none() || !plan.inputs.is_empty() {
-        parts.push(describe_sources(plan));
+    if plan.sources.store.is_none() || !plan.sources.inputs.is_empty() {
+        parts.push(describe_sources(&plan.sources));
     }
     let mut title = format!("hearth {kind} profile");
     if !parts.is_empty() {
@@ -402,13 +450,18 @@ fn write_output(
         path: path.to_path_buf(),
         error,
     })?;
+    write_atomically(path, &bytes)
+}
+
+/// Puts `bytes` at `path` through a temporary file, synced and renamed.
+pub(super) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), ReportError> {
     let tmp = sibling(path, &format!("hearth-tmp-{}", std::process::id()));
     let written = OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(&tmp)
         .and_then(|mut file| {
-            file.write_all(&bytes)?;
+            file.write_all(bytes)?;
             file.sync_all()
         })
         .and_then(|()| fs::rename(&tmp, path));
@@ -445,14 +498,23 @@ mod tests {
         dir
     }
 
+    /// `args` with its sources changed by `change`.
+    fn with_source(
+        args: FlamegraphArgs,
+        change: impl FnOnce(SourceArgs) -> SourceArgs,
+    ) -> FlamegraphArgs {
+        FlamegraphArgs {
+            source: change(args.source),
+            ..args
+        }
+    }
+
     fn args(inputs: &[&Path], outputs: &[&Path]) -> FlamegraphArgs {
         FlamegraphArgs {
-            inputs: inputs.iter().map(|p| p.to_path_buf()).collect(),
-            store: None,
-            since: None,
-            until: None,
-            pids: Vec::new(),
-            processes: Vec::new(),
+            source: SourceArgs {
+                inputs: inputs.iter().map(|p| p.to_path_buf()).collect(),
+                ..SourceArgs::default()
+            },
             outputs: outputs.iter().map(|p| p.to_path_buf()).collect(),
             title: None,
         }
@@ -528,10 +590,10 @@ mod tests {
         let cases: Vec<(FlamegraphArgs, &str)> = vec![
             (args(&[], &[&out]), "nothing to read"),
             (
-                FlamegraphArgs {
+                with_source(args(&[Path::new("a.folded")], &[&out]), |s| SourceArgs {
                     since: Some("10m".into()),
-                    ..args(&[Path::new("a.folded")], &[&out])
-                },
+                    ..s
+                }),
                 "--store",
             ),
             (args(&[Path::new("a.svg")], &[&out]), "a.svg"),
@@ -540,20 +602,20 @@ mod tests {
                 "out.png",
             ),
             (
-                FlamegraphArgs {
+                with_source(args(&[], &[&out]), |s| SourceArgs {
                     store: Some(dir.join("store")),
                     since: Some("whenever".into()),
-                    ..args(&[], &[&out])
-                },
+                    ..s
+                }),
                 "whenever",
             ),
             (
-                FlamegraphArgs {
+                with_source(args(&[], &[&out]), |s| SourceArgs {
                     store: Some(dir.join("store")),
                     since: Some("1m".into()),
                     until: Some("2m".into()),
-                    ..args(&[], &[&out])
-                },
+                    ..s
+                }),
                 "must be before --until",
             ),
         ];
@@ -595,11 +657,14 @@ mod tests {
             dir.join("out.folded"),
             dir.join("out.pb.gz"),
         );
-        let summary = flamegraph(&FlamegraphArgs {
-            store: Some(store),
-            pids: vec![2],
-            ..args(&[], &[&svg_out, &folded_out, &pb_out])
-        })
+        let summary = flamegraph(&with_source(
+            args(&[], &[&svg_out, &folded_out, &pb_out]),
+            |s| SourceArgs {
+                store: Some(store),
+                pids: vec![2],
+                ..s
+            },
+        ))
         .unwrap();
         assert_eq!(summary.samples, 10);
         assert_eq!(
@@ -642,13 +707,15 @@ mod tests {
         fs::write(&pb_in, pprof::encode(&window(at(T0 + 100)))).unwrap();
         let out = dir.join("out.folded");
         let svg_out = dir.join("out.svg");
-        let summary = flamegraph(&FlamegraphArgs {
-            store: Some(store.clone()),
-            processes: vec!["api".into()],
-            title: Some("my <title>".into()),
-            ..args(&[&folded_in, &pb_in], &[&out, &svg_out])
-        })
-        .unwrap();
+        let mut with_title = with_source(args(&[&folded_in, &pb_in], &[&out, &svg_out]), |s| {
+            SourceArgs {
+                store: Some(store.clone()),
+                processes: vec!["api".into()],
+                ..s
+            }
+        });
+        with_title.title = Some("my <title>".into());
+        let summary = flamegraph(&with_title).unwrap();
         // 3 + 3 from the store, 3 from the pprof file, 4 from the folded one.
         assert_eq!(summary.samples, 13);
         assert_eq!(fs::read_to_string(&out).unwrap(), "api;main;serve 13\n");
@@ -657,11 +724,11 @@ mod tests {
             .contains("my &lt;title&gt;"));
 
         // A store range with nothing in it does not hide the files.
-        let summary = flamegraph(&FlamegraphArgs {
+        let summary = flamegraph(&with_source(args(&[&folded_in], &[&out]), |s| SourceArgs {
             store: Some(store),
             since: Some("1m".into()),
-            ..args(&[&folded_in], &[&out])
-        })
+            ..s
+        }))
         .unwrap();
         assert_eq!(summary.samples, 13);
         fs::remove_dir_all(&dir).unwrap();
@@ -673,11 +740,11 @@ mod tests {
         let store = store_with_two_windows(&dir);
         let out = dir.join("out.svg");
 
-        let err = flamegraph(&FlamegraphArgs {
+        let err = flamegraph(&with_source(args(&[], &[&out]), |s| SourceArgs {
             store: Some(store.clone()),
             since: Some("1h".into()),
-            ..args(&[], &[&out])
-        })
+            ..s
+        }))
         .unwrap_err();
         assert_eq!(err.exit_code(), 7, "{err}");
         assert!(
@@ -686,30 +753,30 @@ mod tests {
             "{err}"
         );
 
-        let err = flamegraph(&FlamegraphArgs {
+        let err = flamegraph(&with_source(args(&[], &[&out]), |s| SourceArgs {
             store: Some(store),
             processes: vec!["nginx".into()],
-            ..args(&[], &[&out])
-        })
+            ..s
+        }))
         .unwrap_err();
         assert_eq!(err.exit_code(), 7, "{err}");
         assert!(err.to_string().contains("process nginx"), "{err}");
 
         let empty_store = dir.join("empty");
         fs::create_dir(&empty_store).unwrap();
-        let err = flamegraph(&FlamegraphArgs {
+        let err = flamegraph(&with_source(args(&[], &[&out]), |s| SourceArgs {
             store: Some(empty_store),
-            ..args(&[], &[&out])
-        })
+            ..s
+        }))
         .unwrap_err();
         assert_eq!(err.exit_code(), 7, "{err}");
 
         let folded_in = dir.join("in.folded");
         fs::write(&folded_in, "api;main 4\n").unwrap();
-        let err = flamegraph(&FlamegraphArgs {
+        let err = flamegraph(&with_source(args(&[&folded_in], &[&out]), |s| SourceArgs {
             pids: vec![1],
-            ..args(&[&folded_in], &[&out])
-        })
+            ..s
+        }))
         .unwrap_err();
         assert_eq!(err.exit_code(), 7, "{err}");
         assert!(err.to_string().contains("use --process"), "{err}");
@@ -728,10 +795,10 @@ mod tests {
         assert!(err.to_string().contains("bad.pb.gz"), "{err}");
 
         let missing = dir.join("no-store");
-        let err = flamegraph(&FlamegraphArgs {
+        let err = flamegraph(&with_source(args(&[], &[&out]), |s| SourceArgs {
             store: Some(missing.clone()),
-            ..args(&[], &[&out])
-        })
+            ..s
+        }))
         .unwrap_err();
         assert_eq!(err.exit_code(), 1, "{err}");
         assert!(err.to_string().contains(missing.to_str().unwrap()), "{err}");
@@ -744,7 +811,7 @@ mod tests {
         let folded_in = dir.join("in.folded");
         fs::write(&folded_in, "api;main 4\n").unwrap();
         let plan = Plan::new(&args(&[&folded_in], &[&dir.join("o.svg")]), at(T0)).unwrap();
-        let profile = read(&plan).unwrap();
+        let profile = plan.sources.read().unwrap();
         assert_eq!(
             default_title(&profile, &plan),
             format!("hearth on-CPU profile — {}", folded_in.display())
