@@ -179,6 +179,9 @@ fn record_host_wide() {
 #[test]
 fn interrupt_writes_outputs() {
     let dir = scratch_dir("sigint");
+    // Something on-CPU to record: an idle host would give an empty profile.
+    let exe = build_c_fixture("cpu_split", FRAME_POINTER_FLAGS, &dir);
+    let _fixture = Fixture::spawn(&exe, &["30"]);
     let folded = dir.join("early.folded");
     let svg = dir.join("early.svg");
     let mut child = Command::new(hearth_bin())
@@ -207,7 +210,13 @@ fn interrupt_writes_outputs() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(status.code(), Some(0));
-    assert!(read_folded(&folded).total_count() > 0);
+    let recorded = read_folded(&folded);
+    // About 2 s of the fixture at 99 Hz, cut short by the signal.
+    assert!(
+        recorded.total_count() > 100,
+        "{} samples",
+        recorded.total_count()
+    );
     assert!(std::fs::read_to_string(&svg).unwrap().contains("</svg>"));
 }
 
