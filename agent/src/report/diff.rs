@@ -112,13 +112,13 @@ fn title(base: &Profile, new: &Profile, base_src: &Sources, new_src: &Sources) -
     };
     format!(
         "hearth {kind} diff — BASE {} → NEW {}",
-        describe(base, base_src),
-        describe(new, new_src)
+        describe(base, base_src.describe_brief()),
+        describe(new, new_src.describe_brief())
     )
 }
 
 /// The sources of one side, with the host and time range when known.
-fn describe(profile: &Profile, sources: &Sources) -> String {
+fn describe(profile: &Profile, sources: String) -> String {
     let meta = &profile.meta;
     let mut parts = Vec::new();
     if !meta.hostname.is_empty() {
@@ -128,7 +128,7 @@ fn describe(profile: &Profile, sources: &Sources) -> String {
         let end = meta.start.checked_add(meta.duration).unwrap_or(meta.start);
         parts.push(format!("{} to {}", show_time(meta.start), show_time(end)));
     }
-    let mut text = sources.describe();
+    let mut text = sources;
     if !parts.is_empty() {
         text.push_str(&format!(" ({})", parts.join(", ")));
     }
@@ -153,13 +153,13 @@ fn report(
         out,
         "BASE: {} samples, {}",
         base_table.total_samples,
-        describe(base, base_src)
+        describe(base, base_src.describe())
     );
     let _ = writeln!(
         out,
         "NEW:  {} samples, {}",
         new_table.total_samples,
-        describe(new, new_src)
+        describe(new, new_src.describe())
     );
     let _ = writeln!(
         out,

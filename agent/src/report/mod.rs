@@ -260,6 +260,11 @@ impl Sources {
     pub fn describe(&self) -> String {
         describe_sources(self)
     }
+
+    /// Like [`describe`](Self::describe) with file names instead of paths.
+    pub fn describe_brief(&self) -> String {
+        describe_sources_brief(self)
+    }
 }
 
 /// `--since`/`--until`: a duration back from `now`, or an RFC 3339 time.
@@ -380,19 +385,31 @@ fn no_samples_message(plan: &Sources) -> String {
 
 /// The files (up to three by name) and store read.
 fn describe_sources(plan: &Sources) -> String {
+    describe_sources_with(plan, |p| p.display().to_string())
+}
+
+/// [`describe_sources`] with file names only, for graph titles, which a
+/// long path would push past the graph's width.
+fn describe_sources_brief(plan: &Sources) -> String {
+    describe_sources_with(plan, |p| {
+        p.file_name().map_or_else(
+            || p.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        )
+    })
+}
+
+fn describe_sources_with(plan: &Sources, show: impl Fn(&Path) -> String) -> String {
     let mut parts = Vec::new();
     match plan.inputs.as_slice() {
         [] => {}
-        inputs if inputs.len() <= 3 => parts.extend(
-            inputs
-                .iter()
-                .map(|(p, _)| p.display().to_string())
-                .collect::<Vec<_>>(),
-        ),
+        inputs if inputs.len() <= 3 => {
+            parts.extend(inputs.iter().map(|(p, _)| show(p)).collect::<Vec<_>>())
+        }
         inputs => parts.push(format!("{} files", inputs.len())),
     }
     if let Some(dir) = &plan.store {
-        parts.push(format!("store {}", dir.display()));
+        parts.push(format!("store {}", show(dir)));
     }
     parts.join(", ")
 }
@@ -421,7 +438,7 @@ fn default_title(profile: &Profile, plan: &Plan) -> String {
         parts.push(filter);
     }
     if plan.sources.store.is_none() || !plan.sources.inputs.is_empty() {
-        parts.push(describe_sources(&plan.sources));
+        parts.push(describe_sources_brief(&plan.sources));
     }
     let mut title = format!("hearth {kind} profile");
     if !parts.is_empty() {
@@ -812,9 +829,10 @@ mod tests {
         fs::write(&folded_in, "api;main 4\n").unwrap();
         let plan = Plan::new(&args(&[&folded_in], &[&dir.join("o.svg")]), at(T0)).unwrap();
         let profile = plan.sources.read().unwrap();
+        // File names, not paths: a long path would not fit the graph.
         assert_eq!(
             default_title(&profile, &plan),
-            format!("hearth on-CPU profile — {}", folded_in.display())
+            "hearth on-CPU profile — in.folded"
         );
         fs::remove_dir_all(&dir).unwrap();
     }
