@@ -165,33 +165,12 @@ fn drain_into<S: Symbolize>(
 fn check_outputs(paths: &[PathBuf]) -> Result<(), RecordError> {
     for path in paths {
         OutputFormat::from_path(path).map_err(RecordError::UnknownFormat)?;
-        let probe = probe_path(path);
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&probe)
-            .and_then(|_| std::fs::remove_file(&probe))
-            .map_err(|source| RecordError::Unwritable {
-                path: path.clone(),
-                source,
-            })?;
-        if path.is_dir() {
-            return Err(RecordError::Unwritable {
-                path: path.clone(),
-                source: std::io::Error::other("is a directory"),
-            });
-        }
+        export::check_writable(path).map_err(|source| RecordError::Unwritable {
+            path: path.clone(),
+            source,
+        })?;
     }
     Ok(())
-}
-
-/// A file next to `path` whose creation proves `path` can be written.
-fn probe_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.hearth-probe-{}", std::process::id()))
 }
 
 fn write_outputs(profile: &Profile, outputs: &[PathBuf]) -> Result<(), RecordError> {

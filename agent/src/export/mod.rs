@@ -40,11 +40,7 @@ impl OutputFormat {
     /// The format for `path`, by extension: `.svg`, `.folded`, `.pb.gz` or
     /// `.pprof` (case-insensitive).
     pub fn from_path(path: &Path) -> Result<OutputFormat, ExportError> {
-        // `.pb.gz` is a double extension, which `Path::extension` cannot see.
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().to_ascii_lowercase())
-            .unwrap_or_default();
+        let name = lower_file_name(path);
         if name.ends_with(".svg") {
             Ok(OutputFormat::FlameGraph)
         } else if name.ends_with(".folded") {
@@ -99,6 +95,52 @@ pub fn write_profile(
         OutputFormat::Folded => folded::write(profile, out),
         OutputFormat::Pprof => pprof::write(profile, out),
     }
+}
+
+/// The file name of `path` in lower case, for telling formats apart by
+/// extension (`Path::extension` cannot see double ones like `.pb.gz`).
+pub fn lower_file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default()
+}
+
+/// Proves that `path` can be created, leaving nothing behind, so a command
+/// can refuse a bad output before spending time on sampling or reading.
+pub fn check_writable(path: &Path) -> io::Result<()> {
+    if path.is_dir() {
+        return Err(io::Error::other("is a directory"));
+    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let probe = path.with_file_name(format!(".{name}.hearth-probe-{}", std::process::id()));
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+        .and_then(|_| fs::remove_file(&probe))
+}
+
+/// Puts `bytes` at `path` through a synced temporary file and a rename, so
+/// readers never see half a file and a failure leaves any old one intact.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = temp_path(path);
+    let written = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .and_then(|mut file| {
+            file.write_all(bytes)?;
+            file.sync_all()
+        })
+        .and_then(|()| fs::rename(&tmp, path));
+    if written.is_err() {
+        // Best effort: the write error is the one worth reporting.
+        let _ = fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// Writes `profile` to `path` in the format its extension names.

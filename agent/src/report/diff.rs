@@ -35,10 +35,7 @@ enum Output {
 
 impl Output {
     fn from_path(path: &Path) -> Result<Output, ReportError> {
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().to_ascii_lowercase())
-            .unwrap_or_default();
+        let name = crate::export::lower_file_name(path);
         if name.ends_with(".svg") {
             Ok(Output::FlameGraph)
         } else if name.ends_with(".txt") {

@@ -34,8 +34,8 @@ pub mod check;
 pub mod diff;
 pub mod top;
 
-use std::fs::{self, OpenOptions};
-use std::io::{self, Write};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -152,11 +152,7 @@ enum InputFormat {
 
 impl InputFormat {
     fn from_path(path: &Path) -> Result<InputFormat, ReportError> {
-        // `.pb.gz` is a double extension, which `Path::extension` cannot see.
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().to_ascii_lowercase())
-            .unwrap_or_default();
+        let name = export::lower_file_name(path);
         if name.ends_with(".pb.gz") || name.ends_with(".pprof") {
             Ok(InputFormat::Pprof)
         } else if name.ends_with(".folded") {
@@ -292,31 +288,12 @@ fn check_outputs(outputs: &[(PathBuf, OutputFormat)]) -> Result<(), ReportError>
     Ok(())
 }
 
-/// Proves `path` can be created (and leaves nothing behind).
+/// [`export::check_writable`] with the report's error.
 pub(super) fn check_writable(path: &Path) -> Result<(), ReportError> {
-    let unwritable = |error| ReportError::Unwritable {
+    export::check_writable(path).map_err(|error| ReportError::Unwritable {
         path: path.to_path_buf(),
         error,
-    };
-    if path.is_dir() {
-        return Err(unwritable(io::Error::other("is a directory")));
-    }
-    let probe = sibling(path, &format!("hearth-probe-{}", std::process::id()));
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&probe)
-        .and_then(|_| fs::remove_file(&probe))
-        .map_err(unwritable)
-}
-
-/// A hidden file next to `path`: `.<name>.<tag>`.
-fn sibling(path: &Path, tag: &str) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.{tag}"))
+    })
 }
 
 /// Reads, filters and merges every source.
@@ -472,23 +449,9 @@ fn write_output(
 
 /// Puts `bytes` at `path` through a temporary file, synced and renamed.
 pub(super) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), ReportError> {
-    let tmp = sibling(path, &format!("hearth-tmp-{}", std::process::id()));
-    let written = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .and_then(|mut file| {
-            file.write_all(bytes)?;
-            file.sync_all()
-        })
-        .and_then(|()| fs::rename(&tmp, path));
-    written.map_err(|error| {
-        // Best effort: the write error is the one worth reporting.
-        let _ = fs::remove_file(&tmp);
-        ReportError::Unwritable {
-            path: path.to_path_buf(),
-            error,
-        }
+    export::write_atomically(path, bytes).map_err(|error| ReportError::Unwritable {
+        path: path.to_path_buf(),
+        error,
     })
 }
 
