@@ -5,20 +5,33 @@
 //! the `user` feature they implement `aya::Pod` for use as map keys/values.
 #![no_std]
 
-/// Deepest user stack the frame walker records. Deeper stacks keep their
-/// leaf-most frames and are flagged [`USER_STACK_TRUNCATED`].
+/// Deepest stack recorded (user stacks by the frame walker, kernel stacks of
+/// blocked threads by `bpf_get_task_stack`). Deeper stacks keep their
+/// leaf-most frames and are flagged [`STACK_TRUNCATED`].
 pub const MAX_USER_FRAMES: usize = 127;
 
 /// Names of the maps and globals, so userspace never spells them twice.
 pub mod names {
     pub const ON_CPU_PROGRAM: &str = "on_cpu_sample";
+    pub const OFF_CPU_SWITCH_PROGRAM: &str = "off_cpu_switch";
+    pub const OFF_CPU_SYSCALL_EXIT_PROGRAM: &str = "off_cpu_syscall_exit";
+    /// Threads off CPU now, keyed by task pointer: [`crate::BlockedThread`].
+    pub const OFF_CPU_START: &str = "OFF_CPU_START";
+    /// Woken threads whose user stack is walked at their syscall exit.
+    pub const OFF_CPU_PENDING: &str = "OFF_CPU_PENDING";
+    /// Global: blocked time below this many nanoseconds is not recorded.
+    pub const OFF_CPU_MIN_NS: &str = "OFF_CPU_MIN_NS";
+    /// Global: a switch-out is followed when `bpf_get_prandom_u32()` is
+    /// below this; `u32::MAX` follows every switch.
+    pub const OFF_CPU_SAMPLE_BELOW: &str = "OFF_CPU_SAMPLE_BELOW";
     pub const CONTROL: &str = "CONTROL";
     pub const STATS: &str = "STATS";
     pub const PID_FILTER: &str = "PID_FILTER";
     pub const SCRATCH_STACK: &str = "SCRATCH_STACK";
     /// Per-window maps: index 0 and 1 of the double buffer.
     pub const COUNTS: [&str; 2] = ["COUNTS_0", "COUNTS_1"];
-    pub const USER_STACKS: [&str; 2] = ["USER_STACKS_0", "USER_STACKS_1"];
+    /// User stacks, and the kernel stacks of blocked threads, by hash.
+    pub const STACKS: [&str; 2] = ["STACKS_0", "STACKS_1"];
     pub const KERNEL_STACKS: [&str; 2] = ["KERNEL_STACKS_0", "KERNEL_STACKS_1"];
     /// Global (read-only data): non-zero when only pids in `PID_FILTER` are sampled.
     pub const FILTER_BY_PID: &str = "FILTER_BY_PID";
@@ -32,11 +45,26 @@ pub const CONTROL_ENTRIES: u32 = 1;
 
 /// [`SampleKey::flags`]: the sample interrupted kernel mode.
 pub const SAMPLE_IN_KERNEL: u32 = 1 << 0;
-/// [`UserStack::flags`]: the walk stopped at [`MAX_USER_FRAMES`].
-pub const USER_STACK_TRUNCATED: u32 = 1 << 0;
+/// [`SampleKey::flags`]: an off-CPU sample; the value holds blocked time.
+pub const SAMPLE_OFF_CPU: u32 = 1 << 1;
+/// [`SampleKey::flags`]: off CPU while runnable (preempted), as opposed to
+/// a voluntary wait (sleep, I/O, lock).
+pub const SAMPLE_INVOLUNTARY: u32 = 1 << 2;
+/// [`Stack::flags`]: the walk stopped at [`MAX_USER_FRAMES`].
+pub const STACK_TRUNCATED: u32 = 1 << 0;
+/// [`Stack::flags`]: a kernel stack (of a blocked thread).
+pub const STACK_KERNEL: u32 = 1 << 1;
+
+/// [`BlockedThread::flags`]: the thread was preempted while runnable.
+pub const BLOCKED_INVOLUNTARY: u32 = 1 << 0;
+/// [`BlockedThread::flags`]: the thread blocked inside a system call, so its
+/// user stack is walked when that call returns.
+pub const BLOCKED_IN_SYSCALL: u32 = 1 << 1;
+/// [`BlockedThread::flags`]: a kernel thread, without user stack.
+pub const BLOCKED_NO_USER: u32 = 1 << 2;
 
 /// Key of the per-window count maps: one entry per distinct thread and
-/// stack pair; the value is a per-CPU `u64` sample count.
+/// stack pair (and, for off-CPU samples, kind of wait).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SampleKey {
@@ -44,9 +72,12 @@ pub struct SampleKey {
     pub tgid: u32,
     /// Thread id (kernel pid).
     pub tid: u32,
-    /// Key into the window's `USER_STACKS` map; 0 when there is no user
+    /// Key into the window's `STACKS` map; 0 when there is no user
     /// stack (kernel threads).
     pub user_stack: u64,
+    /// Off-CPU samples: key into the window's `STACKS` map of the kernel
+    /// stack the thread blocked in; 0 when there is none.
+    pub blocked_stack: u64,
     /// Id in the window's `KERNEL_STACKS` map, or -1 when the sample
     /// interrupted user mode (no kernel stack is walked then).
     pub kernel_stack: i32,
@@ -56,13 +87,13 @@ pub struct SampleKey {
     pub comm: [u8; 16],
 }
 
-/// A user stack as walked by the kernel program, leaf first. `ips[0]` is
-/// the interrupted instruction pointer, the others are return addresses.
+/// A stack, leaf first. For user stacks `ips[0]` is the interrupted
+/// instruction pointer and the others are return addresses.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
-pub struct UserStack {
+pub struct Stack {
     pub len: u32,
-    /// `USER_STACK_*` bits.
+    /// `STACK_*` bits.
     pub flags: u32,
     pub ips: [u64; MAX_USER_FRAMES],
 }
@@ -99,10 +130,48 @@ pub enum Stat {
     FramelessCallerRecovered,
     /// Internal error: a map lookup that cannot fail did.
     MapLookupFailed,
+    /// Every run of the off-CPU switch program (one per context switch).
+    OffCpuSwitches,
+    /// The outgoing task was a CPU's idle task: never followed.
+    OffCpuIdle,
+    /// The outgoing process is excluded by the pid filter.
+    OffCpuFiltered,
+    /// The outgoing thread was left out by the sampling probability.
+    OffCpuUnsampled,
+    /// The outgoing task was exiting (its last switch).
+    OffCpuExiting,
+    /// A thread left the CPU and its start time was stored.
+    OffCpuStarted,
+    /// The start map was full: the wait is not followed.
+    OffCpuStartFull,
+    /// A followed thread came back on CPU.
+    OffCpuWoken,
+    /// Woken after less than the minimum blocked time: not recorded.
+    OffCpuBelowMin,
+    /// Nanoseconds of the waits counted in `OffCpuBelowMin`.
+    OffCpuBelowMinNs,
+    /// Woken inside a system call: recorded when the call returns.
+    OffCpuDeferred,
+    /// The pending map was full: a deferred wait was lost.
+    OffCpuPendingFull,
+    /// A wait was added to a count map.
+    OffCpuRecorded,
+    /// Count map full: a wait was lost.
+    OffCpuDropCountsFull,
+    /// Stack map full or `bpf_get_task_stack` failed: the wait was recorded
+    /// without its kernel stack.
+    OffCpuDropKernelStack,
+    /// User stacks walked when a thread left the CPU outside a system call
+    /// (preempted in user mode, or a page fault), before the wait's length
+    /// is known.
+    OffCpuEagerWalks,
+    /// A deferred wait reached a system call exit of another call (the
+    /// programs were re-attached in between): dropped.
+    OffCpuPendingStale,
 }
 
 impl Stat {
-    pub const COUNT: u32 = Stat::MapLookupFailed as u32 + 1;
+    pub const COUNT: u32 = Stat::OffCpuPendingStale as u32 + 1;
     pub const ALL: [Stat; Stat::COUNT as usize] = [
         Stat::Samples,
         Stat::Idle,
@@ -116,6 +185,23 @@ impl Stat {
         Stat::UserRegsUnavailable,
         Stat::FramelessCallerRecovered,
         Stat::MapLookupFailed,
+        Stat::OffCpuSwitches,
+        Stat::OffCpuIdle,
+        Stat::OffCpuFiltered,
+        Stat::OffCpuUnsampled,
+        Stat::OffCpuExiting,
+        Stat::OffCpuStarted,
+        Stat::OffCpuStartFull,
+        Stat::OffCpuWoken,
+        Stat::OffCpuBelowMin,
+        Stat::OffCpuBelowMinNs,
+        Stat::OffCpuDeferred,
+        Stat::OffCpuPendingFull,
+        Stat::OffCpuRecorded,
+        Stat::OffCpuDropCountsFull,
+        Stat::OffCpuDropKernelStack,
+        Stat::OffCpuEagerWalks,
+        Stat::OffCpuPendingStale,
     ];
 
     /// Stable snake_case name, used in logs and metrics.
@@ -133,6 +219,23 @@ impl Stat {
             Stat::UserRegsUnavailable => "user_regs_unavailable",
             Stat::FramelessCallerRecovered => "frameless_caller_recovered",
             Stat::MapLookupFailed => "map_lookup_failed",
+            Stat::OffCpuSwitches => "off_cpu_switches",
+            Stat::OffCpuIdle => "off_cpu_idle",
+            Stat::OffCpuFiltered => "off_cpu_filtered",
+            Stat::OffCpuUnsampled => "off_cpu_unsampled",
+            Stat::OffCpuExiting => "off_cpu_exiting",
+            Stat::OffCpuStarted => "off_cpu_started",
+            Stat::OffCpuStartFull => "off_cpu_start_full",
+            Stat::OffCpuWoken => "off_cpu_woken",
+            Stat::OffCpuBelowMin => "off_cpu_below_min",
+            Stat::OffCpuBelowMinNs => "off_cpu_below_min_ns",
+            Stat::OffCpuDeferred => "off_cpu_deferred",
+            Stat::OffCpuPendingFull => "off_cpu_pending_full",
+            Stat::OffCpuRecorded => "off_cpu_recorded",
+            Stat::OffCpuDropCountsFull => "off_cpu_drop_counts_full",
+            Stat::OffCpuDropKernelStack => "off_cpu_drop_kernel_stack",
+            Stat::OffCpuEagerWalks => "off_cpu_eager_walks",
+            Stat::OffCpuPendingStale => "off_cpu_pending_stale",
         }
     }
 }
@@ -141,23 +244,51 @@ impl Stat {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SampleCount {
-    /// Samples of this key on this CPU in the window.
+    /// Samples (on-CPU) or waits (off-CPU) of this key on this CPU in the
+    /// window.
     pub count: u64,
     /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the latest one, so exporters
     /// can say when a stack was last seen within the window.
     pub last_seen_ns: u64,
+    /// Off-CPU samples: nanoseconds blocked, summed over the waits.
+    pub off_cpu_ns: u64,
+}
+
+/// A thread off CPU: the value of `OFF_CPU_START` (keyed by task pointer,
+/// since a switched-in task's pid is not at hand without BTF offsets) and
+/// of `OFF_CPU_PENDING` (keyed by thread id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockedThread {
+    /// START: `bpf_ktime_get_ns` when it left the CPU. PENDING: nanoseconds
+    /// it was off CPU.
+    pub time_ns: u64,
+    /// User stack walked when it left the CPU (0: none yet).
+    pub user_stack: u64,
+    /// PENDING: kernel stack it blocked in (0: none).
+    pub blocked_stack: u64,
+    /// PENDING: the system call it blocked in, checked at the call's exit.
+    pub syscall: i64,
+    pub tgid: u32,
+    pub tid: u32,
+    /// `BLOCKED_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
+    pub comm: [u8; 16],
 }
 
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain-old-data, repr(C), no implicit padding (checked below).
     unsafe impl aya::Pod for super::SampleKey {}
-    unsafe impl aya::Pod for super::UserStack {}
+    unsafe impl aya::Pod for super::Stack {}
     unsafe impl aya::Pod for super::SampleCount {}
+    unsafe impl aya::Pod for super::BlockedThread {}
 }
 
 // The layouts must have no implicit padding: a padding byte would carry
 // garbage into hash keys and make identical samples different keys.
-const _: () = assert!(core::mem::size_of::<SampleKey>() == 4 + 4 + 8 + 4 + 4 + 16);
-const _: () = assert!(core::mem::size_of::<UserStack>() == 4 + 4 + 8 * MAX_USER_FRAMES);
-const _: () = assert!(core::mem::size_of::<SampleCount>() == 8 + 8);
+const _: () = assert!(core::mem::size_of::<SampleKey>() == 4 + 4 + 8 + 8 + 4 + 4 + 16);
+const _: () = assert!(core::mem::size_of::<Stack>() == 4 + 4 + 8 * MAX_USER_FRAMES);
+const _: () = assert!(core::mem::size_of::<SampleCount>() == 8 + 8 + 8);
+const _: () = assert!(core::mem::size_of::<BlockedThread>() == 8 * 4 + 4 * 4 + 16);

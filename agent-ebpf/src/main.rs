@@ -7,7 +7,11 @@
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
+mod off_cpu;
+#[cfg(target_arch = "bpf")]
 mod on_cpu;
+#[cfg(target_arch = "bpf")]
+mod stack;
 
 /// GPL-compatible licence string: the frame walker needs GPL-only helpers
 /// (`bpf_probe_read_user`, `bpf_get_current_task_btf`).

@@ -73,6 +73,76 @@ pub struct RecordArgs {
     /// Kernel BTF file checked before loading (tests point it elsewhere).
     #[arg(long, default_value = "/sys/kernel/btf/vmlinux", hide = true)]
     pub kernel_btf: PathBuf,
+
+    #[command(flatten)]
+    pub off_cpu: OffCpuArgs,
+}
+
+/// What kind of time a record measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordMode {
+    OnCpu,
+    OffCpu,
+    Wall,
+}
+
+/// Off-CPU and wall-clock profiling flags of `hearth record`.
+#[derive(Debug, Clone, Args)]
+pub struct OffCpuArgs {
+    /// Record off-CPU time instead of CPU samples: where threads wait
+    /// (sleep, I/O, locks, pipes) or stand preempted, weighted by the time.
+    #[arg(long, conflicts_with = "wall")]
+    pub off_cpu: bool,
+
+    /// Record wall-clock time per thread: CPU samples converted to time,
+    /// plus off-CPU time. What to look at when a request is slow.
+    #[arg(long)]
+    pub wall: bool,
+
+    /// With --off-cpu/--wall: waits shorter than this are counted but not
+    /// recorded (they are the bulk of context switches and cost).
+    #[arg(long, default_value = "1ms", value_name = "DURATION",
+          value_parser = parse_off_cpu_min)]
+    pub off_cpu_min: Duration,
+
+    /// With --off-cpu/--wall: share of context switches followed, in
+    /// (0, 1]; recorded times are scaled up by its inverse.
+    #[arg(long, default_value_t = 1.0, value_name = "PROBABILITY",
+          value_parser = parse_probability)]
+    pub off_cpu_sample: f64,
+}
+
+impl OffCpuArgs {
+    pub fn mode(&self) -> RecordMode {
+        if self.wall {
+            RecordMode::Wall
+        } else if self.off_cpu {
+            RecordMode::OffCpu
+        } else {
+            RecordMode::OnCpu
+        }
+    }
+}
+
+/// A minimum blocked time: a duration, or 0 to record every wait.
+pub fn parse_off_cpu_min(text: &str) -> Result<Duration, String> {
+    if text.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(text)
+}
+
+/// A probability in (0, 1].
+pub fn parse_probability(text: &str) -> Result<f64, String> {
+    let p: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number; use e.g. 0.1 for 10%"))?;
+    if p > 0.0 && p <= 1.0 {
+        Ok(p)
+    } else {
+        Err(format!("{p} is outside (0, 1]"))
+    }
 }
 
 /// Where profiles are read from: files and/or a local store selection,
@@ -308,6 +378,17 @@ mod tests {
         assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("fast").unwrap_err().contains("500ms"));
+        assert_eq!(parse_off_cpu_min("0").unwrap(), Duration::ZERO);
+        assert_eq!(parse_off_cpu_min("2ms").unwrap(), Duration::from_millis(2));
+    }
+
+    #[test]
+    fn probabilities() {
+        assert_eq!(parse_probability("0.25").unwrap(), 0.25);
+        assert_eq!(parse_probability("1").unwrap(), 1.0);
+        assert!(parse_probability("0").unwrap_err().contains("(0, 1]"));
+        assert!(parse_probability("1.5").is_err());
+        assert!(parse_probability("lots").unwrap_err().contains("0.1"));
     }
 
     #[test]

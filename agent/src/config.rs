@@ -209,6 +209,32 @@ pub struct RunOptions {
           default_missing_value = "true", value_name = "BOOL")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub debuginfo: Option<bool>,
+
+    /// Also record off-CPU time (where threads wait) and export it as its
+    /// own profile type [default: false].
+    #[arg(long, env = "HEARTH_OFF_CPU", num_args = 0..=1,
+          default_missing_value = "true", value_name = "BOOL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub off_cpu: Option<bool>,
+
+    /// Also export a wall-clock profile per thread (on-CPU samples as time
+    /// plus off-CPU time); implies --off-cpu [default: false].
+    #[arg(long, env = "HEARTH_WALL", num_args = 0..=1,
+          default_missing_value = "true", value_name = "BOOL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wall: Option<bool>,
+
+    /// Off-CPU waits shorter than this are counted but not recorded
+    /// [default: 1ms].
+    #[arg(long, env = "HEARTH_OFF_CPU_MIN", value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub off_cpu_min: Option<HumanDuration>,
+
+    /// Share of context switches followed for off-CPU time, in (0, 1];
+    /// times are scaled up by its inverse [default: 1].
+    #[arg(long, env = "HEARTH_OFF_CPU_SAMPLE", value_name = "PROBABILITY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub off_cpu_sample: Option<f64>,
 }
 
 /// A duration written like `10s`, `500ms`, `7d` (a bare number is seconds).
@@ -347,6 +373,27 @@ pub struct StoreConfig {
     pub max_bytes: u64,
 }
 
+/// How off-CPU time is recorded and exported.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OffCpuConfig {
+    /// Waits shorter than this are counted, not recorded.
+    pub min: Duration,
+    /// Share of context switches followed, in (0, 1].
+    pub sample_probability: f64,
+    /// Also export the wall-clock profile.
+    pub wall: bool,
+}
+
+impl Default for OffCpuConfig {
+    fn default() -> Self {
+        OffCpuConfig {
+            min: Duration::from_millis(1),
+            sample_probability: 1.0,
+            wall: false,
+        }
+    }
+}
+
 /// The effective `hearth run` configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -362,6 +409,8 @@ pub struct Config {
     pub min_frequency_hz: u64,
     pub shutdown_timeout: Duration,
     pub debuginfo: bool,
+    /// `None`: on-CPU sampling only.
+    pub off_cpu: Option<OffCpuConfig>,
 }
 
 impl Default for Config {
@@ -381,6 +430,7 @@ impl Default for Config {
             min_frequency_hz: 1,
             shutdown_timeout: Duration::from_secs(5),
             debuginfo: false,
+            off_cpu: None,
         }
     }
 }
@@ -500,6 +550,7 @@ impl Config {
                 .shutdown_timeout
                 .map_or(defaults.shutdown_timeout, |d| d.0),
             debuginfo: opts.debuginfo.unwrap_or(defaults.debuginfo),
+            off_cpu: off_cpu_config(opts)?,
         })
     }
 
@@ -541,9 +592,42 @@ impl Config {
             min_frequency: Some(self.min_frequency_hz),
             shutdown_timeout: Some(HumanDuration(self.shutdown_timeout)),
             debuginfo: Some(self.debuginfo),
+            off_cpu: Some(self.off_cpu.is_some()),
+            wall: Some(self.off_cpu.is_some_and(|o| o.wall)),
+            off_cpu_min: self.off_cpu.map(|o| HumanDuration(o.min)),
+            off_cpu_sample: self.off_cpu.map(|o| o.sample_probability),
         };
         toml::to_string(&opts).unwrap_or_else(|e| format!("# cannot print the config: {e}\n"))
     }
+}
+
+fn off_cpu_config(opts: &RunOptions) -> Result<Option<OffCpuConfig>, ConfigError> {
+    let wall = opts.wall.unwrap_or(false);
+    if !(opts.off_cpu.unwrap_or(false) || wall) {
+        for (key, set) in [
+            ("off-cpu-min", opts.off_cpu_min.is_some()),
+            ("off-cpu-sample", opts.off_cpu_sample.is_some()),
+        ] {
+            if set {
+                return Err(ConfigError::invalid(
+                    key,
+                    "only applies with --off-cpu or --wall",
+                ));
+            }
+        }
+        return Ok(None);
+    }
+    let defaults = OffCpuConfig::default();
+    let sample_probability = match opts.off_cpu_sample {
+        None => defaults.sample_probability,
+        Some(p) => crate::cli::parse_probability(&p.to_string())
+            .map_err(|message| ConfigError::invalid("off-cpu-sample", message))?,
+    };
+    Ok(Some(OffCpuConfig {
+        min: opts.off_cpu_min.map_or(defaults.min, |d| d.0),
+        sample_probability,
+        wall,
+    }))
 }
 
 fn otlp_config(endpoint: &str, opts: &RunOptions) -> Result<OtlpConfig, ConfigError> {
@@ -752,6 +836,43 @@ mod tests {
         let path = dir.join(name);
         std::fs::write(&path, text).unwrap();
         path
+    }
+
+    #[test]
+    fn off_cpu_options_resolve_and_check() {
+        let off = Config::resolve(&RunOptions::default()).unwrap();
+        assert_eq!(off.off_cpu, None);
+        let on = Config::resolve(&RunOptions {
+            wall: Some(true),
+            off_cpu_min: Some(HumanDuration(Duration::from_millis(5))),
+            off_cpu_sample: Some(0.25),
+            ..RunOptions::default()
+        })
+        .unwrap();
+        assert_eq!(
+            on.off_cpu,
+            Some(OffCpuConfig {
+                min: Duration::from_millis(5),
+                sample_probability: 0.25,
+                wall: true,
+            })
+        );
+        // Printed and read back, it is the same configuration.
+        let printed: RunOptions = toml::from_str(&on.to_toml()).unwrap();
+        assert_eq!(Config::resolve(&printed).unwrap().off_cpu, on.off_cpu);
+        let err = Config::resolve(&RunOptions {
+            off_cpu_min: Some(HumanDuration(Duration::from_millis(5))),
+            ..RunOptions::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("off-cpu-min"), "{err}");
+        let err = Config::resolve(&RunOptions {
+            off_cpu: Some(true),
+            off_cpu_sample: Some(1.5),
+            ..RunOptions::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("off-cpu-sample"), "{err}");
     }
 
     #[test]

@@ -49,12 +49,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Record(args) => match runtime.block_on(hearth::record::record(&args)) {
             Ok(summary) => {
-                eprintln!(
-                    "hearth: {} samples, {} lost in the kernel (maps full), {} idle-CPU samples skipped",
-                    summary.samples,
-                    summary.stats.lost(),
-                    summary.stats.get(hearth::bpf::Stat::Idle)
-                );
+                eprintln!("hearth: {}", summary.describe());
                 for path in &summary.outputs {
                     eprintln!("hearth: wrote {}", path.display());
                 }

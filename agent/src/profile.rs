@@ -97,6 +97,107 @@ pub enum SampleKind {
     /// On-CPU samples: the value is a sample count, each worth one period of
     /// CPU time.
     OnCpu,
+    /// Off-CPU time: the value is nanoseconds threads spent off CPU
+    /// (blocked, or preempted while runnable) in the stack.
+    OffCpu(OffCpuSettings),
+    /// Wall-clock time per thread: on-CPU samples converted to nanoseconds
+    /// plus off-CPU nanoseconds.
+    Wall(OffCpuSettings),
+}
+
+impl SampleKind {
+    /// The unit of [`Sample::count`] in this kind of profile.
+    pub fn unit(self) -> &'static str {
+        match self {
+            SampleKind::OnCpu => "samples",
+            SampleKind::OffCpu(_) | SampleKind::Wall(_) => "nanoseconds",
+        }
+    }
+
+    /// Short description for titles and reports, with the off-CPU
+    /// threshold and sampling when they apply.
+    pub fn describe(self) -> String {
+        match self {
+            SampleKind::OnCpu => "on-CPU".to_string(),
+            SampleKind::OffCpu(s) => format!("off-CPU time{}", s.describe()),
+            SampleKind::Wall(s) => format!("wall-clock time{}", s.describe()),
+        }
+    }
+
+    /// Values are times in nanoseconds (rather than sample counts).
+    pub fn is_time(self) -> bool {
+        !matches!(self, SampleKind::OnCpu)
+    }
+}
+
+/// How off-CPU time was recorded, which says how complete it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct OffCpuSettings {
+    /// Waits shorter than this were not recorded; 0 when unknown (a profile
+    /// read back from a file).
+    pub min_ns: u64,
+    /// Context switches followed per million (the sampling probability);
+    /// values are already scaled up by its inverse. 0 when unknown.
+    pub followed_per_million: u32,
+}
+
+impl OffCpuSettings {
+    fn describe(self) -> String {
+        let mut parts = Vec::new();
+        if self.min_ns > 0 {
+            parts.push(format!(
+                "waits ≥ {}",
+                crate::config::HumanDuration(std::time::Duration::from_nanos(self.min_ns))
+            ));
+        }
+        if self.followed_per_million > 0 && self.followed_per_million < 1_000_000 {
+            parts.push(format!(
+                "{:.3}% of switches followed, scaled up",
+                f64::from(self.followed_per_million) / 1e4
+            ));
+        }
+        if parts.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", parts.join(", "))
+        }
+    }
+}
+
+/// Why a thread was off CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum OffCpuReason {
+    /// It waited: sleep, I/O, a lock, a pipe.
+    Voluntary,
+    /// It was preempted while runnable: waiting for a CPU.
+    Involuntary,
+}
+
+impl OffCpuReason {
+    /// Label value in pprof and OTLP.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OffCpuReason::Voluntary => "voluntary",
+            OffCpuReason::Involuntary => "involuntary",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<OffCpuReason> {
+        match s {
+            "voluntary" => Some(OffCpuReason::Voluntary),
+            "involuntary" => Some(OffCpuReason::Involuntary),
+            _ => None,
+        }
+    }
+
+    /// The leaf-most frame folded stacks and flame graphs show for it, so
+    /// the two kinds of wait stay apart in formats without labels.
+    pub fn frame_name(self) -> &'static str {
+        match self {
+            OffCpuReason::Voluntary => "[off-CPU: waiting]",
+            OffCpuReason::Involuntary => "[off-CPU: preempted]",
+        }
+    }
 }
 
 /// One distinct stack of one thread, with how often it was seen.
@@ -108,8 +209,11 @@ pub struct Sample {
     pub thread_name: Arc<str>,
     /// Frames from the leaf (index 0) to the root.
     pub frames: Vec<FrameId>,
-    /// Number of samples (for [`SampleKind::OnCpu`]).
+    /// The sample's weight, in the unit of the profile's [`SampleKind`]:
+    /// samples (on-CPU) or nanoseconds (off-CPU, wall).
     pub count: u64,
+    /// Off-CPU time: why the thread was off CPU. `None` for on-CPU samples.
+    pub off_cpu: Option<OffCpuReason>,
     /// Wall-clock time (Unix nanoseconds) this stack was last sampled; 0
     /// when the source did not say (folded files, pprof).
     pub last_seen_unix_ns: u64,
@@ -202,13 +306,14 @@ impl Profile {
                     })
                 })
                 .collect();
-            kept.add_sample_seen(
+            kept.add_off_cpu_sample(
                 process_id,
                 sample.tid,
                 sample.thread_name.clone(),
                 stack,
                 sample.count,
                 sample.last_seen_unix_ns,
+                sample.off_cpu,
             );
         }
         kept.build()
@@ -222,6 +327,7 @@ struct SampleKey {
     tid: u32,
     thread_name: Arc<str>,
     frames: Vec<FrameId>,
+    off_cpu: Option<OffCpuReason>,
 }
 
 /// Builds a [`Profile`], interning frames, mappings and processes and
@@ -300,11 +406,36 @@ impl ProfileBuilder {
         count: u64,
         last_seen_unix_ns: u64,
     ) {
+        self.add_off_cpu_sample(
+            process,
+            tid,
+            thread_name,
+            frames,
+            count,
+            last_seen_unix_ns,
+            None,
+        );
+    }
+
+    /// [`add_sample_seen`](Self::add_sample_seen) with the reason a thread
+    /// was off CPU (`None` for on-CPU samples).
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_off_cpu_sample(
+        &mut self,
+        process: ProcessId,
+        tid: u32,
+        thread_name: Arc<str>,
+        frames: Vec<FrameId>,
+        count: u64,
+        last_seen_unix_ns: u64,
+        off_cpu: Option<OffCpuReason>,
+    ) {
         let key = SampleKey {
             process,
             tid,
             thread_name,
             frames,
+            off_cpu,
         };
         if let Some(&i) = self.sample_ids.get(&key) {
             let sample = &mut self.samples[i];
@@ -319,6 +450,7 @@ impl ProfileBuilder {
             frames: key.frames.clone(),
             count,
             last_seen_unix_ns,
+            off_cpu: key.off_cpu,
         });
         self.sample_ids.insert(key, self.samples.len() - 1);
     }
@@ -326,6 +458,12 @@ impl ProfileBuilder {
     /// Adds every sample of `other`, re-interning its tables. The meta of
     /// `self` is widened to cover both time ranges.
     pub fn merge(&mut self, other: &Profile) {
+        self.merge_scaled(other, 1);
+    }
+
+    /// [`merge`](Self::merge) with every value of `other` multiplied by
+    /// `factor` (on-CPU samples into nanoseconds, for wall-clock profiles).
+    pub fn merge_scaled(&mut self, other: &Profile, factor: u64) {
         let mapping_ids: Vec<MappingId> = other
             .mappings
             .iter()
@@ -347,13 +485,14 @@ impl ProfileBuilder {
             .collect();
         for s in &other.samples {
             let frames = s.frames.iter().map(|&f| frame_ids[f as usize]).collect();
-            self.add_sample_seen(
+            self.add_off_cpu_sample(
                 process_ids[s.process as usize],
                 s.tid,
                 s.thread_name.clone(),
                 frames,
-                s.count,
+                s.count.saturating_mul(factor),
                 s.last_seen_unix_ns,
+                s.off_cpu,
             );
         }
         let start = self.meta.start.min(other.meta.start);
@@ -376,6 +515,23 @@ impl ProfileBuilder {
             samples: self.samples,
         }
     }
+}
+
+/// The wall-clock profile of one stretch of time: each on-CPU sample
+/// counts as one sampling period of nanoseconds, and off-CPU time is added
+/// as it is, so a thread's total is the time it ran plus the time it waited.
+pub fn wall_clock(on_cpu: &Profile, off_cpu: &Profile) -> Profile {
+    let settings = match off_cpu.meta.kind {
+        SampleKind::OffCpu(s) | SampleKind::Wall(s) => s,
+        SampleKind::OnCpu => OffCpuSettings::default(),
+    };
+    let mut builder = ProfileBuilder::new(ProfileMeta {
+        kind: SampleKind::Wall(settings),
+        ..on_cpu.meta.clone()
+    });
+    builder.merge_scaled(on_cpu, on_cpu.meta.period_ns());
+    builder.merge(off_cpu);
+    builder.build()
 }
 
 fn intern<T: Clone + Eq + std::hash::Hash>(
@@ -441,6 +597,74 @@ pub(crate) mod tests {
         b.add_sample(p, 43, "worker".into(), vec![bb, main], 3);
         b.add_sample(p, 43, "worker".into(), vec![k, bb, main], 1);
         b.build()
+    }
+
+    /// The off-CPU version of [`sample_profile`]: main;a waited 6 ms
+    /// voluntarily, main;b was preempted for 3 ms.
+    pub(crate) fn off_cpu_profile() -> Profile {
+        let on = sample_profile();
+        let mut b = ProfileBuilder::new(ProfileMeta {
+            kind: SampleKind::OffCpu(OffCpuSettings {
+                min_ns: 1_000_000,
+                followed_per_million: 1_000_000,
+            }),
+            frequency_hz: 0,
+            ..on.meta.clone()
+        });
+        let p = b.intern_process(on.process(0));
+        let main = b.intern_frame(&native("main"));
+        let a = b.intern_frame(&native("a"));
+        let bb = b.intern_frame(&native("b"));
+        let voluntary = Some(OffCpuReason::Voluntary);
+        b.add_off_cpu_sample(p, 42, "app".into(), vec![a, main], 6_000_000, 0, voluntary);
+        let preempted = Some(OffCpuReason::Involuntary);
+        b.add_off_cpu_sample(
+            p,
+            43,
+            "worker".into(),
+            vec![bb, main],
+            3_000_000,
+            0,
+            preempted,
+        );
+        b.build()
+    }
+
+    #[test]
+    fn wall_clock_adds_on_cpu_time_to_off_cpu_time() {
+        let on = sample_profile();
+        let off = off_cpu_profile();
+        let wall = wall_clock(&on, &off);
+        assert!(matches!(wall.meta.kind, SampleKind::Wall(s) if s.min_ns == 1_000_000));
+        // 10 on-CPU samples at 99 Hz, plus 9 ms off CPU.
+        assert_eq!(wall.total_count(), 10 * on.meta.period_ns() + 9_000_000);
+        // main;a on CPU and main;a waiting stay apart.
+        let a_samples: Vec<_> = wall
+            .samples
+            .iter()
+            .filter(|s| wall.stack_names(s).last() == Some("a"))
+            .map(|s| (s.off_cpu, s.count))
+            .collect();
+        assert_eq!(a_samples.len(), 2, "{a_samples:?}");
+        assert!(a_samples.contains(&(None, 6 * on.meta.period_ns())));
+        assert!(a_samples.contains(&(Some(OffCpuReason::Voluntary), 6_000_000)));
+    }
+
+    #[test]
+    fn kinds_describe_themselves() {
+        assert_eq!(SampleKind::OnCpu.describe(), "on-CPU");
+        let sampled = OffCpuSettings {
+            min_ns: 2_000_000,
+            followed_per_million: 100_000,
+        };
+        let text = SampleKind::OffCpu(sampled).describe();
+        assert!(text.starts_with("off-CPU time (waits ≥ 2ms"), "{text}");
+        assert!(text.contains("10.000% of switches followed"), "{text}");
+        assert_eq!(
+            SampleKind::Wall(OffCpuSettings::default()).describe(),
+            "wall-clock time"
+        );
+        assert_eq!(SampleKind::OffCpu(sampled).unit(), "nanoseconds");
     }
 
     #[test]

@@ -10,11 +10,15 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tracing::{info, warn};
 
-use crate::bpf::{self, BpfError, BpfStats, SampleSource, Sampler, SamplerOptions};
-use crate::cli::RecordArgs;
+use crate::bpf::{
+    self, BpfError, BpfStats, OffCpuOptions, SampleSource, Sampler, SamplerOptions, Stat,
+};
+use crate::cli::{OffCpuArgs, RecordArgs, RecordMode};
 use crate::export::{self, ExportError, OutputFormat};
 use crate::pipeline::{hostname, WindowProcessor};
-use crate::profile::{Profile, ProfileBuilder, ProfileMeta, SampleKind};
+use crate::profile::{
+    wall_clock, OffCpuSettings, Profile, ProfileBuilder, ProfileMeta, SampleKind,
+};
 use crate::symbolize::{BlazeSymbolizer, Symbolize, SymbolizerConfig};
 
 /// Why a record failed. Each kind has its own exit code (see README).
@@ -54,9 +58,48 @@ impl RecordError {
 /// What a finished record produced.
 #[derive(Debug)]
 pub struct RecordSummary {
+    pub kind: SampleKind,
+    /// Total of the profile's values: samples, or nanoseconds for off-CPU
+    /// and wall-clock profiles.
     pub samples: u64,
     pub stats: BpfStats,
     pub outputs: Vec<PathBuf>,
+}
+
+impl RecordSummary {
+    /// One line for the terminal: what was recorded and what was skipped.
+    pub fn describe(&self) -> String {
+        let stats = &self.stats;
+        let mut line = match self.kind {
+            SampleKind::OnCpu => format!("{} samples", self.samples),
+            kind => format!(
+                "{} of {}",
+                crate::config::HumanDuration(Duration::from_nanos(self.samples)),
+                kind.describe()
+            ),
+        };
+        if self.kind != SampleKind::OnCpu || stats.get(Stat::Samples) > 0 {
+            line += &format!(
+                ", {} lost in the kernel (maps full), {} idle-CPU samples skipped",
+                stats.lost(),
+                stats.get(Stat::Idle)
+            );
+        }
+        if self.kind.is_time() {
+            line += &format!(
+                "; {} waits recorded, {} shorter waits ({} in all) and {} unsampled switches \
+                 skipped, {} lost",
+                stats.get(Stat::OffCpuRecorded),
+                stats.get(Stat::OffCpuBelowMin),
+                crate::config::HumanDuration(Duration::from_nanos(
+                    stats.get(Stat::OffCpuBelowMinNs)
+                )),
+                stats.get(Stat::OffCpuUnsampled),
+                stats.off_cpu_lost(),
+            );
+        }
+        line
+    }
 }
 
 pub async fn record(args: &RecordArgs) -> Result<RecordSummary, RecordError> {
@@ -69,14 +112,26 @@ pub async fn record(args: &RecordArgs) -> Result<RecordSummary, RecordError> {
     bpf::check_privileges()?;
     bpf::check_btf(&args.kernel_btf)?;
 
+    let mode = args.off_cpu.mode();
+    let off_cpu = (mode != RecordMode::OnCpu).then(|| off_cpu_settings(&args.off_cpu));
+    let frequency_hz = if mode == RecordMode::OffCpu {
+        0
+    } else {
+        args.frequency
+    };
     let mut sampler = Sampler::start(&SamplerOptions {
-        frequency_hz: args.frequency,
+        frequency_hz,
+        off_cpu: off_cpu.map(|_| OffCpuOptions {
+            min_ns: duration_ns(args.off_cpu.off_cpu_min),
+            sample_probability: args.off_cpu.off_cpu_sample,
+        }),
         pids: args.pids.clone(),
         ..SamplerOptions::default()
     })?;
     let started = Instant::now();
     info!(
-        frequency_hz = args.frequency,
+        frequency_hz,
+        ?mode,
         duration = ?args.duration,
         pids = ?args.pids,
         "recording"
@@ -86,13 +141,18 @@ pub async fn record(args: &RecordArgs) -> Result<RecordSummary, RecordError> {
         debug_syms: args.debuginfo,
         ..SymbolizerConfig::default()
     }));
-    let mut merged = ProfileBuilder::new(ProfileMeta {
-        kind: SampleKind::OnCpu,
+    let meta = |kind| ProfileMeta {
+        kind,
         start: SystemTime::now(),
         duration: Duration::ZERO,
-        frequency_hz: args.frequency,
+        frequency_hz,
         hostname: hostname(),
-    });
+    };
+    let mut merged = Merged {
+        on_cpu: ProfileBuilder::new(meta(SampleKind::OnCpu)),
+        off_cpu: off_cpu.map(|s| ProfileBuilder::new(meta(SampleKind::OffCpu(s)))),
+        settings: off_cpu,
+    };
     let mut stats = BpfStats::default();
     let deadline = tokio::time::Instant::now() + args.duration;
     let mut next_drain = tokio::time::Instant::now() + args.drain_interval;
@@ -123,12 +183,24 @@ pub async fn record(args: &RecordArgs) -> Result<RecordSummary, RecordError> {
     drop(sampler);
     let elapsed = started.elapsed();
 
-    let mut profile = merged.build();
+    let on_cpu = merged.on_cpu.build();
+    let off_cpu = merged.off_cpu.map(ProfileBuilder::build);
+    let mut profile = match (mode, off_cpu) {
+        (RecordMode::OffCpu, Some(off)) => off,
+        (RecordMode::Wall, Some(off)) => wall_clock(&on_cpu, &off),
+        _ => on_cpu,
+    };
     profile.meta.duration = elapsed;
     if stats.lost() > 0 {
         warn!(
             lost = stats.lost(),
             "samples lost in the kernel (maps full)"
+        );
+    }
+    if stats.off_cpu_lost() > 0 {
+        warn!(
+            lost = stats.off_cpu_lost(),
+            "off-CPU waits lost in the kernel (maps full)"
         );
     }
     write_outputs(&profile, &args.outputs)?;
@@ -141,23 +213,46 @@ pub async fn record(args: &RecordArgs) -> Result<RecordSummary, RecordError> {
         "recorded"
     );
     Ok(RecordSummary {
+        kind: profile.meta.kind,
         samples: profile.total_count(),
         stats,
         outputs: args.outputs.clone(),
     })
 }
 
+/// The record so far, one profile per kind of time.
+struct Merged {
+    on_cpu: ProfileBuilder,
+    off_cpu: Option<ProfileBuilder>,
+    settings: Option<OffCpuSettings>,
+}
+
 fn drain_into<S: Symbolize>(
     sampler: &mut Sampler,
     processor: &mut WindowProcessor<S>,
-    merged: &mut ProfileBuilder,
+    merged: &mut Merged,
     stats: &mut BpfStats,
 ) -> Result<(), RecordError> {
     let window = sampler.drain()?;
     stats.add(&window.stats);
-    let profile = processor.process(&window, sampler.frequency_hz());
-    merged.merge(&profile);
+    let profiles = processor.process(&window, sampler.frequency_hz(), merged.settings);
+    merged.on_cpu.merge(&profiles.on_cpu);
+    if let (Some(into), Some(off)) = (&mut merged.off_cpu, &profiles.off_cpu) {
+        into.merge(off);
+    }
     Ok(())
+}
+
+/// How off-CPU time is recorded, as profiles describe it.
+pub fn off_cpu_settings(args: &OffCpuArgs) -> OffCpuSettings {
+    OffCpuSettings {
+        min_ns: duration_ns(args.off_cpu_min),
+        followed_per_million: (args.off_cpu_sample * 1e6).round() as u32,
+    }
+}
+
+fn duration_ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Checks each output has a known format and can be created, before any

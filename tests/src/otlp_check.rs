@@ -356,7 +356,18 @@ impl Checker<'_> {
 
     fn profile(&mut self, p: &Profile, at: &str) -> Result<(), String> {
         self.value_type(p.sample_type.as_ref(), &format!("{at}.sample_type"))?;
-        self.value_type(p.period_type.as_ref(), &format!("{at}.period_type"))?;
+        // Counted samples need a period to mean an amount; values that are
+        // amounts already (off-CPU nanoseconds) may go without.
+        let counted = p.sample_type.as_ref().is_some_and(|t| {
+            self.d
+                .string_table
+                .get(t.unit_strindex as usize)
+                .map(String::as_str)
+                == Some("count")
+        });
+        if counted || p.period_type.is_some() {
+            self.value_type(p.period_type.as_ref(), &format!("{at}.period_type"))?;
+        }
         match p.profile_id.len() {
             0 => {}
             16 if p.profile_id.iter().any(|&b| b != 0) => {}
@@ -790,7 +801,9 @@ mod tests {
                 profile_mut(r).samples[1].timestamps_unix_nano[0] = 999
             }),
             ("no sample type", |r| profile_mut(r).sample_type = None),
-            ("no period type", |r| profile_mut(r).period_type = None),
+            ("no period type for counted samples", |r| {
+                profile_mut(r).period_type = None
+            }),
             ("zero profile id", |r| {
                 profile_mut(r).profile_id = vec![0; 16]
             }),

@@ -11,7 +11,8 @@ use std::time::{Duration, SystemTime};
 
 use aya::maps::{HashMap as BpfHashMap, Map, PerCpuArray, PerCpuHashMap, StackTraceMap};
 use hearth_ebpf::{
-    names, SampleCount, SampleKey, Stat, UserStack, SAMPLE_IN_KERNEL, USER_STACK_TRUNCATED,
+    names, SampleCount, SampleKey, Stack, Stat, SAMPLE_INVOLUNTARY, SAMPLE_IN_KERNEL,
+    SAMPLE_OFF_CPU, STACK_KERNEL, STACK_TRUNCATED,
 };
 
 use super::loader::{set_active_window, Sampler};
@@ -20,6 +21,18 @@ use super::{map_error, BpfError, SampleSource};
 /// Longer than any program run by orders of magnitude.
 const FLIP_GRACE: Duration = Duration::from_millis(5);
 
+/// What an off-CPU sample adds to its stacks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawOffCpu {
+    /// Nanoseconds off CPU, summed over the sample's waits.
+    pub blocked_ns: u64,
+    /// Preempted while runnable, rather than a voluntary wait.
+    pub involuntary: bool,
+    /// Key into [`RawWindow::stacks`] of the kernel stack the thread
+    /// blocked in; 0 when it could not be read.
+    pub blocked_stack: u64,
+}
+
 /// One distinct (thread, stacks) pair of a window and its sample count.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RawSample {
@@ -27,7 +40,7 @@ pub struct RawSample {
     pub tid: u32,
     /// Thread name at sample time.
     pub comm: String,
-    /// Key into [`RawWindow::user_stacks`]; 0 when the thread had no user
+    /// Key into [`RawWindow::stacks`]; 0 when the thread had no user
     /// stack (a kernel thread).
     pub user_stack: u64,
     /// Key into [`RawWindow::kernel_stacks`]; `None` when the sample
@@ -35,18 +48,25 @@ pub struct RawSample {
     pub kernel_stack: Option<u32>,
     /// The sample interrupted kernel mode.
     pub in_kernel: bool,
+    /// On-CPU samples, or off-CPU waits.
     pub count: u64,
     /// Wall-clock time of the latest of these samples.
     pub last_seen: SystemTime,
+    /// Set for off-CPU samples.
+    pub off_cpu: Option<RawOffCpu>,
 }
 
-/// A user stack as the kernel walked it.
+/// A stack as the kernel recorded it: a user stack it walked, or the
+/// kernel stack of a blocked thread.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RawUserStack {
-    /// Leaf first: the interrupted ip, then return addresses.
+pub struct RawStack {
+    /// Leaf first: for user stacks the interrupted ip, then return
+    /// addresses.
     pub ips: Vec<u64>,
     /// The walk stopped at the depth limit.
     pub truncated: bool,
+    /// Kernel addresses.
+    pub kernel: bool,
 }
 
 /// Kernel-side counters, as deltas over one window (or totals).
@@ -71,6 +91,14 @@ impl BpfStats {
         self.get(Stat::DropCountsFull) + self.get(Stat::MapLookupFailed)
     }
 
+    /// Off-CPU waits that ended but were not recorded because of a full map
+    /// or an inconsistency (not because of the minimum or sampling).
+    pub fn off_cpu_lost(&self) -> u64 {
+        self.get(Stat::OffCpuPendingFull)
+            + self.get(Stat::OffCpuDropCountsFull)
+            + self.get(Stat::OffCpuPendingStale)
+    }
+
     /// (name, value) for every counter.
     pub fn iter(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
         Stat::ALL.iter().map(|&s| (s.name(), self.get(s)))
@@ -83,7 +111,8 @@ pub struct RawWindow {
     pub start: SystemTime,
     pub end: SystemTime,
     pub samples: Vec<RawSample>,
-    pub user_stacks: HashMap<u64, RawUserStack>,
+    /// User stacks, and the kernel stacks of blocked threads, by hash.
+    pub stacks: HashMap<u64, RawStack>,
     /// Leaf first.
     pub kernel_stacks: HashMap<u32, Vec<u64>>,
     pub stats: BpfStats,
@@ -98,16 +127,19 @@ impl SampleSource for Sampler {
         std::thread::sleep(FLIP_GRACE);
 
         let samples = self.take_counts(names::COUNTS[drained])?;
-        let user_stacks = self.take_user_stacks(names::USER_STACKS[drained])?;
+        let mut stacks = self.take_stacks(names::STACKS[drained])?;
         let kernel_stacks = self.take_kernel_stacks(names::KERNEL_STACKS[drained])?;
         let stats = self.stats_delta()?;
+        if self.off_cpu() {
+            self.carry_stacks_over(&samples, &mut stacks);
+        }
 
         let start = std::mem::replace(&mut self.window_start, end);
         Ok(RawWindow {
             start,
             end,
             samples,
-            user_stacks,
+            stacks,
             kernel_stacks,
             stats,
         })
@@ -123,6 +155,26 @@ impl Sampler {
         self.ebpf.map_mut(name).ok_or(BpfError::Missing(name))
     }
 
+    /// An off-CPU wait can be stored in the window after the one its stacks
+    /// went to: the user stack of a preempted thread is walked when it
+    /// leaves the CPU, the kernel stack of a blocked one when it comes back,
+    /// and the wait is counted later still. Such stacks are taken from the
+    /// previous window. Stacks are keyed by content hash, so this cannot
+    /// pick a wrong one.
+    fn carry_stacks_over(&mut self, samples: &[RawSample], stacks: &mut HashMap<u64, RawStack>) {
+        for sample in samples {
+            let blocked = sample.off_cpu.map_or(0, |o| o.blocked_stack);
+            for hash in [sample.user_stack, blocked] {
+                if hash != 0 && !stacks.contains_key(&hash) {
+                    if let Some(stack) = self.previous_stacks.get(&hash) {
+                        stacks.insert(hash, stack.clone());
+                    }
+                }
+            }
+        }
+        self.previous_stacks = stacks.clone();
+    }
+
     /// Reads and empties a count map, summing each key's per-CPU counts.
     fn take_counts(&mut self, name: &'static str) -> Result<Vec<RawSample>, BpfError> {
         let mut map: PerCpuHashMap<_, SampleKey, SampleCount> =
@@ -132,16 +184,17 @@ impl Sampler {
             let (key, per_cpu) = item.map_err(map_error(name))?;
             let count = per_cpu.iter().map(|c| c.count).sum::<u64>();
             let last_seen_ns = per_cpu.iter().map(|c| c.last_seen_ns).max().unwrap_or(0);
-            entries.push((key, count, last_seen_ns));
+            let off_cpu_ns = per_cpu.iter().map(|c| c.off_cpu_ns).sum::<u64>();
+            entries.push((key, count, last_seen_ns, off_cpu_ns));
         }
-        for (key, _, _) in &entries {
+        for (key, ..) in &entries {
             map.remove(key).map_err(map_error(name))?;
         }
         let clock = MonotonicClock::now();
         Ok(entries
             .into_iter()
-            .filter(|&(_, count, _)| count > 0)
-            .map(|(key, count, last_seen_ns)| RawSample {
+            .filter(|&(_, count, ..)| count > 0)
+            .map(|(key, count, last_seen_ns, off_cpu_ns)| RawSample {
                 tgid: key.tgid,
                 tid: key.tid,
                 comm: comm_to_string(&key.comm),
@@ -150,15 +203,17 @@ impl Sampler {
                 in_kernel: key.flags & SAMPLE_IN_KERNEL != 0,
                 count,
                 last_seen: clock.to_wall(last_seen_ns),
+                off_cpu: (key.flags & SAMPLE_OFF_CPU != 0).then_some(RawOffCpu {
+                    blocked_ns: off_cpu_ns,
+                    involuntary: key.flags & SAMPLE_INVOLUNTARY != 0,
+                    blocked_stack: key.blocked_stack,
+                }),
             })
             .collect())
     }
 
-    fn take_user_stacks(
-        &mut self,
-        name: &'static str,
-    ) -> Result<HashMap<u64, RawUserStack>, BpfError> {
-        let mut map: BpfHashMap<_, u64, UserStack> =
+    fn take_stacks(&mut self, name: &'static str) -> Result<HashMap<u64, RawStack>, BpfError> {
+        let mut map: BpfHashMap<_, u64, Stack> =
             BpfHashMap::try_from(self.map_mut(name)?).map_err(map_error(name))?;
         let mut stacks = HashMap::new();
         for item in map.iter() {
@@ -166,9 +221,10 @@ impl Sampler {
             let len = (stack.len as usize).min(stack.ips.len());
             stacks.insert(
                 hash,
-                RawUserStack {
+                RawStack {
                     ips: stack.ips[..len].to_vec(),
-                    truncated: stack.flags & USER_STACK_TRUNCATED != 0,
+                    truncated: stack.flags & STACK_TRUNCATED != 0,
+                    kernel: stack.flags & STACK_KERNEL != 0,
                 },
             );
         }

@@ -1,32 +1,67 @@
 //! Loads the embedded eBPF object, sizes its maps, and attaches the on-CPU
-//! program to the CPU clock of every online CPU. Dropping the [`Sampler`]
-//! detaches everything.
+//! program to the CPU clock of every online CPU and, when asked, the
+//! off-CPU programs to the scheduler's context switches and system call
+//! exits. Dropping the [`Sampler`] detaches everything.
 
 use std::time::SystemTime;
 
-use aya::maps::{Array, HashMap as BpfHashMap};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData};
 use aya::programs::perf_event::{
     PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent,
 };
-use aya::programs::PerfEvent;
-use aya::{Ebpf, EbpfLoader};
-use hearth_ebpf::{names, Stat, CONTROL_ACTIVE_WINDOW};
+use aya::programs::tp_btf::BtfTracePointLinkId;
+use aya::programs::{BtfTracePoint, PerfEvent};
+use aya::{Btf, Ebpf, EbpfLoader};
+use hearth_ebpf::{names, BlockedThread, Stat, CONTROL_ACTIVE_WINDOW};
 
 use super::{map_error, BpfError};
 
 /// The kernel programs, built by `cargo xtask` and embedded at compile time.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("HEARTH_EBPF_OBJECT_PATH"));
 
+/// What the off-CPU programs record.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OffCpuOptions {
+    /// Waits shorter than this many nanoseconds are counted, not recorded.
+    pub min_ns: u64,
+    /// Share of context switches followed, in (0, 1].
+    pub sample_probability: f64,
+}
+
+impl Default for OffCpuOptions {
+    fn default() -> Self {
+        Self {
+            min_ns: 1_000_000,
+            sample_probability: 1.0,
+        }
+    }
+}
+
+impl OffCpuOptions {
+    /// The kernel's comparison value for `bpf_get_prandom_u32()`.
+    fn sample_below(&self) -> u32 {
+        if self.sample_probability >= 1.0 {
+            u32::MAX
+        } else {
+            (self.sample_probability.max(0.0) * f64::from(u32::MAX)) as u32
+        }
+    }
+}
+
 /// How to load and attach the programs.
 #[derive(Debug, Clone)]
 pub struct SamplerOptions {
+    /// On-CPU sampling frequency; 0 attaches no on-CPU sampling.
     pub frequency_hz: u64,
+    /// Follow context switches to record off-CPU time.
+    pub off_cpu: Option<OffCpuOptions>,
     /// Sample only these processes; empty samples the whole host.
     pub pids: Vec<u32>,
     /// Distinct (thread, stack) pairs one window can hold.
     pub max_sample_keys: u32,
-    /// Distinct user stacks one window can hold.
-    pub max_user_stacks: u32,
+    /// Distinct stacks one window can hold: user stacks, and the kernel
+    /// stacks of blocked threads.
+    pub max_stacks: u32,
     /// Distinct kernel stacks one window can hold.
     pub max_kernel_stacks: u32,
 }
@@ -35,9 +70,10 @@ impl Default for SamplerOptions {
     fn default() -> Self {
         Self {
             frequency_hz: 19,
+            off_cpu: None,
             pids: Vec::new(),
             max_sample_keys: 16 * 1024,
-            max_user_stacks: 8 * 1024,
+            max_stacks: 8 * 1024,
             max_kernel_stacks: 4 * 1024,
         }
     }
@@ -52,8 +88,14 @@ pub struct Sampler {
     pub(super) window_start: SystemTime,
     /// Stats totals at the last drain, to report per-window deltas.
     pub(super) stats_seen: [u64; Stat::COUNT as usize],
+    /// The last window's stacks, for off-CPU waits counted a window late.
+    pub(super) previous_stacks: std::collections::HashMap<u64, super::RawStack>,
     /// One perf event link per CPU; empty once stopped.
     links: Vec<PerfEventLinkId>,
+    /// Off-CPU programs are loaded.
+    off_cpu: bool,
+    /// The off-CPU programs' links; empty once stopped.
+    off_cpu_links: Vec<(&'static str, BtfTracePointLinkId)>,
 }
 
 impl Sampler {
@@ -64,14 +106,18 @@ impl Sampler {
         for name in names::COUNTS {
             loader.map_max_entries(name, opts.max_sample_keys);
         }
-        for name in names::USER_STACKS {
-            loader.map_max_entries(name, opts.max_user_stacks);
+        for name in names::STACKS {
+            loader.map_max_entries(name, opts.max_stacks);
         }
         for name in names::KERNEL_STACKS {
             loader.map_max_entries(name, opts.max_kernel_stacks);
         }
         loader.map_max_entries(names::PID_FILTER, opts.pids.len().max(1) as u32);
         loader.override_global(names::FILTER_BY_PID, &filter_by_pid, true);
+        let off_cpu = opts.off_cpu.unwrap_or_default();
+        let sample_below = off_cpu.sample_below();
+        loader.override_global(names::OFF_CPU_MIN_NS, &off_cpu.min_ns, true);
+        loader.override_global(names::OFF_CPU_SAMPLE_BELOW, &sample_below, true);
         let mut ebpf = loader.load(EBPF_OBJECT)?;
 
         {
@@ -89,24 +135,56 @@ impl Sampler {
         set_active_window(&mut ebpf, 0)?;
 
         on_cpu_program(&mut ebpf)?.load().map_err(program_error)?;
+        if opts.off_cpu.is_some() {
+            let btf = Btf::from_sys_fs().map_err(BpfError::Btf)?;
+            for (name, tracepoint) in OFF_CPU_PROGRAMS {
+                let program = btf_tracepoint(&mut ebpf, name)?;
+                program
+                    .load(tracepoint, &btf)
+                    .map_err(program_error_of(name))?;
+            }
+        }
         let mut sampler = Self {
             ebpf,
             frequency_hz: opts.frequency_hz,
             active_window: 0,
             window_start: SystemTime::now(),
             stats_seen: [0; Stat::COUNT as usize],
+            previous_stacks: Default::default(),
             links: Vec::new(),
+            off_cpu: opts.off_cpu.is_some(),
+            off_cpu_links: Vec::new(),
         };
         sampler.resume(opts.frequency_hz)?;
         Ok(sampler)
+    }
+
+    /// The off-CPU programs are attached (or were, before [`stop`](Self::stop)).
+    pub fn off_cpu(&self) -> bool {
+        self.off_cpu
     }
 
     /// Attaches the program to every online CPU at `frequency_hz` (after
     /// [`stop`](Self::stop), or to change the frequency: stop, drain,
     /// resume, so each window has one frequency).
     pub fn resume(&mut self, frequency_hz: u64) -> Result<(), BpfError> {
-        if !self.links.is_empty() {
+        if !self.links.is_empty() || !self.off_cpu_links.is_empty() {
             self.stop()?;
+        }
+        if self.off_cpu {
+            // Waits begun before a stop were never finished: their threads
+            // were switched back in while nothing was attached.
+            self.clear_off_cpu_state()?;
+            for (name, _) in OFF_CPU_PROGRAMS {
+                let link = btf_tracepoint(&mut self.ebpf, name)?
+                    .attach()
+                    .map_err(program_error_of(name))?;
+                self.off_cpu_links.push((name, link));
+            }
+        }
+        self.frequency_hz = frequency_hz;
+        if frequency_hz == 0 {
+            return Ok(());
         }
         // The CPU clock counts nanoseconds: a fixed period gives exactly
         // `frequency_hz` samples per second of CPU time, with no adaptive
@@ -125,7 +203,6 @@ impl Sampler {
                 .map_err(program_error)?;
             self.links.push(link);
         }
-        self.frequency_hz = frequency_hz;
         Ok(())
     }
 
@@ -136,8 +213,68 @@ impl Sampler {
         for link in self.links.drain(..) {
             program.detach(link).map_err(program_error)?;
         }
+        for (name, link) in std::mem::take(&mut self.off_cpu_links) {
+            btf_tracepoint(&mut self.ebpf, name)?
+                .detach(link)
+                .map_err(program_error_of(name))?;
+        }
         Ok(())
     }
+
+    /// Waits in flight: threads off CPU now, and woken threads whose wait is
+    /// recorded at their system call's exit. Stats add up with these.
+    pub fn off_cpu_in_flight(&self) -> Result<(u64, u64), BpfError> {
+        let started = self
+            .blocked_map::<u64>(names::OFF_CPU_START)?
+            .keys()
+            .count() as u64;
+        let pending = self
+            .blocked_map::<u32>(names::OFF_CPU_PENDING)?
+            .keys()
+            .count() as u64;
+        Ok((started, pending))
+    }
+
+    fn blocked_map<K: aya::Pod>(
+        &self,
+        name: &'static str,
+    ) -> Result<BpfHashMap<&MapData, K, BlockedThread>, BpfError> {
+        let map = self.ebpf.map(name).ok_or(BpfError::Missing(name))?;
+        BpfHashMap::try_from(map).map_err(map_error(name))
+    }
+
+    fn clear_off_cpu_state(&mut self) -> Result<(), BpfError> {
+        clear::<u64>(&mut self.ebpf, names::OFF_CPU_START)?;
+        clear::<u32>(&mut self.ebpf, names::OFF_CPU_PENDING)
+    }
+}
+
+/// The off-CPU programs and the BTF tracepoints they attach to.
+const OFF_CPU_PROGRAMS: [(&str, &str); 2] = [
+    (names::OFF_CPU_SWITCH_PROGRAM, "sched_switch"),
+    (names::OFF_CPU_SYSCALL_EXIT_PROGRAM, "sys_exit"),
+];
+
+fn btf_tracepoint<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut BtfTracePoint, BpfError> {
+    ebpf.program_mut(name)
+        .ok_or(BpfError::Missing(name))?
+        .try_into()
+        .map_err(program_error_of(name))
+}
+
+fn clear<K: aya::Pod + Copy>(ebpf: &mut Ebpf, name: &'static str) -> Result<(), BpfError> {
+    let map = ebpf.map_mut(name).ok_or(BpfError::Missing(name))?;
+    let mut map: BpfHashMap<_, K, BlockedThread> =
+        BpfHashMap::try_from(map).map_err(map_error(name))?;
+    let keys: Vec<K> = map.keys().filter_map(Result::ok).collect();
+    for key in keys {
+        // An entry that vanished meanwhile is as good as removed.
+        let _ = map.remove(&key);
+    }
+    Ok(())
 }
 
 fn on_cpu_program(ebpf: &mut Ebpf) -> Result<&mut PerfEvent, BpfError> {
@@ -148,10 +285,11 @@ fn on_cpu_program(ebpf: &mut Ebpf) -> Result<&mut PerfEvent, BpfError> {
 }
 
 fn program_error(source: aya::programs::ProgramError) -> BpfError {
-    BpfError::Program {
-        name: names::ON_CPU_PROGRAM,
-        source,
-    }
+    program_error_of(names::ON_CPU_PROGRAM)(source)
+}
+
+fn program_error_of(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> BpfError {
+    move |source| BpfError::Program { name, source }
 }
 
 pub(super) fn set_active_window(ebpf: &mut Ebpf, window: u32) -> Result<(), BpfError> {

@@ -17,10 +17,11 @@ use tracing::{debug, info, warn};
 
 use super::governor::{ChangeReason, CpuMeter, Governor, GovernorConfig};
 use super::DaemonError;
-use crate::bpf::{BpfError, SampleSource, Sampler, SamplerOptions, Stat};
+use crate::bpf::{BpfError, OffCpuOptions, SampleSource, Sampler, SamplerOptions, Stat};
+use crate::config::OffCpuConfig;
 use crate::metrics::Metrics;
 use crate::pipeline::WindowProcessor;
-use crate::profile::Profile;
+use crate::profile::{wall_clock, OffCpuSettings, Profile};
 use crate::symbolize::{BlazeSymbolizer, Symbolize, SymbolizerConfig};
 
 /// Commands from the daemon to the collector thread.
@@ -39,6 +40,7 @@ pub struct CollectorOptions {
     pub interval: Duration,
     pub governor: GovernorConfig,
     pub debuginfo: bool,
+    pub off_cpu: Option<OffCpuConfig>,
 }
 
 /// Starts sampling on a new thread. Returns once the programs are attached
@@ -76,6 +78,10 @@ fn run(
     let mut governor = Governor::new(options.governor);
     let sampler = Sampler::start(&SamplerOptions {
         frequency_hz: governor.frequency_hz(),
+        off_cpu: options.off_cpu.map(|o| OffCpuOptions {
+            min_ns: u64::try_from(o.min.as_nanos()).unwrap_or(u64::MAX),
+            sample_probability: o.sample_probability,
+        }),
         ..SamplerOptions::default()
     });
     let mut sampler = match sampler {
@@ -101,6 +107,7 @@ fn run(
         })),
         metrics,
         windows,
+        off_cpu: options.off_cpu,
     };
     let mut meter = match CpuMeter::new() {
         Ok(m) => Some(m),
@@ -172,12 +179,20 @@ struct Collector {
     processor: WindowProcessor<BlazeSymbolizer>,
     metrics: Arc<Metrics>,
     windows: Sender<Profile>,
+    off_cpu: Option<OffCpuConfig>,
 }
 
 impl Collector {
     fn drain(&mut self, sampler: &mut Sampler) -> Result<(), BpfError> {
         let window = sampler.drain()?;
-        let profile = self.processor.process(&window, sampler.frequency_hz());
+        let settings = self.off_cpu.map(|o| OffCpuSettings {
+            min_ns: u64::try_from(o.min.as_nanos()).unwrap_or(u64::MAX),
+            followed_per_million: (o.sample_probability * 1e6).round() as u32,
+        });
+        let profiles = self
+            .processor
+            .process(&window, sampler.frequency_hz(), settings);
+        let profile = &profiles.on_cpu;
         let m = &self.metrics;
         for stat in Stat::ALL {
             Metrics::add(&m.bpf_events[stat as usize], window.stats.get(stat));
@@ -200,10 +215,25 @@ impl Collector {
             processes = profile.processes.len(),
             "window drained"
         );
+        if window.stats.off_cpu_lost() > 0 {
+            warn!(
+                lost = window.stats.off_cpu_lost(),
+                "off-CPU waits lost in the kernel this window (maps full)"
+            );
+        }
+        let wall = match (&profiles.off_cpu, self.off_cpu) {
+            (Some(off), Some(config)) if config.wall => Some(wall_clock(profile, off)),
+            _ => None,
+        };
         // The export thread only goes away when the daemon is stopping, and
         // then this is the last window anyway.
-        if self.windows.send(profile).is_err() {
-            warn!("export thread gone; window dropped");
+        for profile in [Some(profiles.on_cpu), profiles.off_cpu, wall]
+            .into_iter()
+            .flatten()
+        {
+            if self.windows.send(profile).is_err() {
+                warn!("export thread gone; window dropped");
+            }
         }
         Ok(())
     }

@@ -33,7 +33,7 @@ use crate::export::store::{Retention, Store, StoreError};
 use crate::metrics::{self, Metrics, MetricsError};
 use collector::{CollectorCommand, CollectorOptions};
 use governor::GovernorConfig;
-use sinks::{Exporter, OtlpSink, StoreSink};
+use sinks::{Exporter, OtlpSink, StoreSink, OFF_CPU_SUBDIR, WALL_SUBDIR};
 
 /// Why the daemon could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -112,16 +112,23 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         delivery = Some((queue, client));
     }
     if let Some(store) = &config.store {
-        let opened = Store::open(
-            &store.dir,
-            Retention {
-                max_age: store.max_age,
-                max_bytes: store.max_bytes,
-            },
-        )?;
+        let retention = Retention {
+            max_age: store.max_age,
+            max_bytes: store.max_bytes,
+        };
+        let open_sub = |enabled: bool, sub: &str| {
+            enabled
+                .then(|| Store::open(&store.dir.join(sub), retention))
+                .transpose()
+        };
+        let off_cpu = open_sub(config.off_cpu.is_some(), OFF_CPU_SUBDIR)?;
+        let wall = open_sub(config.off_cpu.is_some_and(|o| o.wall), WALL_SUBDIR)?;
+        let on_cpu = Store::open(&store.dir, retention)?;
         info!(dir = %store.dir.display(), "writing windows to the local store");
         exporters.push(Box::new(StoreSink {
-            store: opened,
+            on_cpu,
+            off_cpu,
+            wall,
             metrics: metrics.clone(),
         }));
     }
@@ -153,6 +160,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                 max_host_load_percent: config.max_host_load_percent,
             },
             debuginfo: config.debuginfo,
+            off_cpu: config.off_cpu,
         },
         metrics.clone(),
         window_tx,

@@ -12,7 +12,7 @@ use crate::export::delivery::DeliveryQueue;
 use crate::export::otlp::encode::{encode_window, EncodeOptions};
 use crate::export::store::Store;
 use crate::metrics::Metrics;
-use crate::profile::Profile;
+use crate::profile::{Profile, SampleKind};
 
 /// A destination for finished windows. Implementations must not block on
 /// the network.
@@ -44,11 +44,21 @@ impl Exporter for OtlpSink {
     }
 }
 
-/// Writes windows into the local store.
+/// Writes windows into the local store: on-CPU windows in its directory,
+/// off-CPU and wall-clock windows in the subdirectories
+/// [`OFF_CPU_SUBDIR`] and [`WALL_SUBDIR`], so a reader of one directory
+/// never mixes kinds of time.
 pub struct StoreSink {
-    pub store: Store,
+    pub on_cpu: Store,
+    pub off_cpu: Option<Store>,
+    pub wall: Option<Store>,
     pub metrics: Arc<Metrics>,
 }
+
+/// Store subdirectory of off-CPU windows.
+pub const OFF_CPU_SUBDIR: &str = "off-cpu";
+/// Store subdirectory of wall-clock windows.
+pub const WALL_SUBDIR: &str = "wall";
 
 impl Exporter for StoreSink {
     fn name(&self) -> &'static str {
@@ -56,7 +66,16 @@ impl Exporter for StoreSink {
     }
 
     fn export(&mut self, window: &Profile) {
-        match self.store.write(window) {
+        let store = match window.meta.kind {
+            SampleKind::OnCpu => Some(&mut self.on_cpu),
+            SampleKind::OffCpu(_) => self.off_cpu.as_mut(),
+            SampleKind::Wall(_) => self.wall.as_mut(),
+        };
+        let Some(store) = store else {
+            warn!(kind = %window.meta.kind.describe(), "no store for this kind of profile");
+            return;
+        };
+        match store.write(window) {
             Ok(outcome) => {
                 Metrics::add(&self.metrics.store_windows_written, 1);
                 Metrics::add(&self.metrics.store_files_removed, outcome.removed_files);

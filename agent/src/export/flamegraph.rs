@@ -63,6 +63,9 @@ pub fn write(profile: &Profile, title: &str, out: &mut dyn Write) -> Result<(), 
     }
     let mut palette = kind_palette(profile);
     let mut options = base_options(title);
+    if profile.meta.kind.is_time() {
+        options.count_name = "ns".to_owned();
+    }
     options.palette_map = Some(&mut palette);
     render(&mut options, lines.iter().map(String::as_str), out)
 }
@@ -280,9 +283,7 @@ fn file_name(path: &str) -> &str {
 /// myhost, 2026-01-02T03:04:05Z, 10s, 99 Hz`. Parts the meta does not know
 /// (a parsed folded file has no host, start or frequency) are left out.
 pub fn default_title(meta: &ProfileMeta) -> String {
-    let kind = match meta.kind {
-        SampleKind::OnCpu => "on-CPU",
-    };
+    let kind = meta.kind.describe();
     let mut parts = Vec::new();
     if !meta.hostname.is_empty() {
         parts.push(meta.hostname.clone());
@@ -293,7 +294,7 @@ pub fn default_title(meta: &ProfileMeta) -> String {
     if !meta.duration.is_zero() {
         parts.push(humantime::format_duration(round_duration(meta.duration)).to_string());
     }
-    if meta.frequency_hz > 0 {
+    if meta.frequency_hz > 0 && !matches!(meta.kind, SampleKind::OffCpu(_)) {
         parts.push(format!("{} Hz", meta.frequency_hz));
     }
     let mut title = format!("hearth {kind} profile");

@@ -30,7 +30,8 @@ pub fn write(profile: &Profile, out: &mut dyn Write) -> Result<(), ExportError> 
     Ok(())
 }
 
-/// The folded `stack count` lines of `profile`, sorted so output is
+/// The folded `stack count` lines of `profile` (counts are samples, or
+/// nanoseconds for off-CPU and wall-clock profiles), sorted so output is
 /// deterministic. Stacks with a zero count are left out: they carry no
 /// weight and inferno rejects an input whose counts sum to zero.
 pub(crate) fn lines(profile: &Profile) -> Vec<String> {
@@ -57,6 +58,11 @@ pub(crate) fn lines(profile: &Profile) -> Vec<String> {
         for &f in sample.frames.iter().rev() {
             stack.push(';');
             stack.push_str(&frames[f as usize]);
+        }
+        // Folded stacks have no labels: the kind of wait becomes the leaf.
+        if let Some(reason) = sample.off_cpu {
+            stack.push(';');
+            stack.push_str(reason.frame_name());
         }
         match stacks.get_mut(stack.as_str()) {
             Some(count) => *count = count.saturating_add(sample.count),
@@ -187,6 +193,15 @@ mod tests {
         }
         b.add_sample(0, 7, "idle".into(), vec![], 0);
         assert_eq!(to_string(&b.build()), "sh;work 6\n");
+    }
+
+    #[test]
+    fn off_cpu_reasons_become_the_leaf() {
+        let profile = crate::profile::tests::off_cpu_profile();
+        assert_eq!(
+            to_string(&profile),
+            "app;main;a;[off-CPU: waiting] 6000000\napp;main;b;[off-CPU: preempted] 3000000\n"
+        );
     }
 
     #[test]

@@ -32,7 +32,8 @@ use prost::Message;
 
 use super::ExportError;
 use crate::profile::{
-    Frame, FrameId, FrameKind, MappingId, Process, Profile, ProfileBuilder, ProfileMeta, SampleKind,
+    Frame, FrameId, FrameKind, MappingId, OffCpuReason, OffCpuSettings, Process, Profile,
+    ProfileBuilder, ProfileMeta, SampleKind,
 };
 use crate::symbolize::{KERNEL_MAPPING_PATH, UNKNOWN};
 
@@ -175,6 +176,11 @@ const THREAD_NAME: &str = "thread_name";
 const PROCESS_NAME: &str = "process_name";
 /// Prefix of the comment carrying the hostname; [`decode`] looks for it.
 const HOST_COMMENT: &str = "host: ";
+/// Comments that keep how off-CPU time was recorded.
+const OFF_CPU_MIN_COMMENT: &str = "off_cpu_min_ns: ";
+const OFF_CPU_FOLLOWED_COMMENT: &str = "off_cpu_followed_per_million: ";
+/// Label of off-CPU samples: `voluntary` or `involuntary`.
+const OFF_CPU_REASON: &str = "off_cpu_reason";
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 
 /// Writes `profile` to `out` as gzipped pprof.
@@ -218,12 +224,34 @@ fn to_proto(profile: &Profile) -> proto::Profile {
     enc.string("");
     let meta = &profile.meta;
     let period = saturate(meta.period_ns());
-    enc.out.sample_type = vec![
-        enc.value_type("samples", "count"),
-        enc.value_type("cpu", "nanoseconds"),
-    ];
-    enc.out.period_type = Some(enc.value_type("cpu", "nanoseconds"));
-    enc.out.period = period;
+    // On-CPU: a count and its CPU time. Off-CPU and wall-clock: the time
+    // itself, with no period.
+    let time_type = match meta.kind {
+        SampleKind::OnCpu => {
+            enc.out.sample_type = vec![
+                enc.value_type("samples", "count"),
+                enc.value_type("cpu", "nanoseconds"),
+            ];
+            enc.out.period_type = Some(enc.value_type("cpu", "nanoseconds"));
+            enc.out.period = period;
+            None
+        }
+        SampleKind::OffCpu(settings) => Some(("off_cpu", settings)),
+        SampleKind::Wall(settings) => Some(("wall", settings)),
+    };
+    if let Some((name, settings)) = time_type {
+        enc.out.sample_type = vec![enc.value_type(name, "nanoseconds")];
+        for (prefix, value) in [
+            (OFF_CPU_MIN_COMMENT, settings.min_ns),
+            (
+                OFF_CPU_FOLLOWED_COMMENT,
+                settings.followed_per_million.into(),
+            ),
+        ] {
+            let comment = enc.string(format!("{prefix}{value}"));
+            enc.out.comment.push(comment);
+        }
+    }
     enc.out.time_nanos = meta
         .start
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -233,7 +261,7 @@ fn to_proto(profile: &Profile) -> proto::Profile {
         let comment = enc.string(format!("{HOST_COMMENT}{}", meta.hostname));
         enc.out.comment.push(comment);
     }
-    let labels = [PID, TID, THREAD_NAME, PROCESS_NAME].map(|k| enc.string(k));
+    let labels = [PID, TID, THREAD_NAME, PROCESS_NAME, OFF_CPU_REASON].map(|k| enc.string(k));
     for sample in &profile.samples {
         // A frame and the frames inlined into it end at the first frame
         // that is not itself inlined.
@@ -244,15 +272,22 @@ fn to_proto(profile: &Profile) -> proto::Profile {
             .collect();
         let process = profile.process(sample.process);
         let count = saturate(sample.count);
-        let label = vec![
+        let mut label = vec![
             num_label(labels[0], process.pid.into()),
             num_label(labels[1], sample.tid.into()),
             str_label(labels[2], enc.string(&*sample.thread_name)),
             str_label(labels[3], enc.string(&*process.name)),
         ];
+        if let Some(reason) = sample.off_cpu {
+            label.push(str_label(labels[4], enc.string(reason.as_str())));
+        }
+        let value = match time_type {
+            None => vec![count, count.saturating_mul(period)],
+            Some(_) => vec![count],
+        };
         enc.out.sample.push(proto::Sample {
             location_id,
-            value: vec![count, count.saturating_mul(period)],
+            value,
             label,
         });
     }
@@ -444,9 +479,23 @@ impl<'p> Decoder<'p> {
             }),
         };
         let mut hostname = String::new();
+        let mut settings = OffCpuSettings::default();
         for &c in &p.comment {
-            if let Some(host) = dec.string(c)?.strip_prefix(HOST_COMMENT) {
+            let comment = dec.string(c)?;
+            if let Some(host) = comment.strip_prefix(HOST_COMMENT) {
                 hostname = host.to_owned();
+            } else if let Some(n) = comment.strip_prefix(OFF_CPU_MIN_COMMENT) {
+                settings.min_ns = n.parse().unwrap_or(0);
+            } else if let Some(n) = comment.strip_prefix(OFF_CPU_FOLLOWED_COMMENT) {
+                settings.followed_per_million = n.parse().unwrap_or(0);
+            }
+        }
+        let mut kind = SampleKind::OnCpu;
+        for t in &p.sample_type {
+            match &*dec.string(t.r#type)? {
+                "off_cpu" => kind = SampleKind::OffCpu(settings),
+                "wall" => kind = SampleKind::Wall(settings),
+                _ => {}
             }
         }
         let period_in_ns = match p.period_type {
@@ -454,6 +503,7 @@ impl<'p> Decoder<'p> {
             None => false,
         };
         let meta = dec.builder.meta_mut();
+        meta.kind = kind;
         meta.start = SystemTime::UNIX_EPOCH + nanos(p.time_nanos);
         meta.duration = nanos(p.duration_nanos);
         meta.hostname = hostname;
@@ -550,12 +600,14 @@ impl<'p> Decoder<'p> {
         for s in &p.sample {
             let (mut pid, mut tid) = (0, 0);
             let (mut thread_name, mut process_name) = (empty.clone(), empty.clone());
+            let mut off_cpu = None;
             for label in &s.label {
                 match &*self.string(label.key)? {
                     PID => pid = to_u32(label.num)?,
                     TID => tid = to_u32(label.num)?,
                     THREAD_NAME => thread_name = self.string(label.str)?,
                     PROCESS_NAME => process_name = self.string(label.str)?,
+                    OFF_CPU_REASON => off_cpu = OffCpuReason::parse(&self.string(label.str)?),
                     _ => {}
                 }
             }
@@ -571,8 +623,15 @@ impl<'p> Decoder<'p> {
                     .ok_or_else(|| invalid(format!("sample refers to unknown location {id}")))?;
                 frames.extend_from_slice(loc);
             }
-            self.builder
-                .add_sample(process, tid, thread_name, frames, count_of(&s.value)?);
+            self.builder.add_off_cpu_sample(
+                process,
+                tid,
+                thread_name,
+                frames,
+                count_of(&s.value)?,
+                0,
+                off_cpu,
+            );
         }
         Ok(self.builder.build())
     }
@@ -621,6 +680,33 @@ mod tests {
     use super::*;
     use crate::profile::tests::{meta, native, sample_profile};
     use crate::profile::Mapping;
+
+    #[test]
+    fn off_cpu_profiles_keep_kind_settings_and_reasons() {
+        let profile = crate::profile::tests::off_cpu_profile();
+        let bytes = encode(&profile);
+        let raw = gunzip(&bytes);
+        let s = |i: i64| raw.string_table[i as usize].clone();
+        let types: Vec<_> = raw
+            .sample_type
+            .iter()
+            .map(|t| (s(t.r#type), s(t.unit)))
+            .collect();
+        assert_eq!(types, [("off_cpu".to_string(), "nanoseconds".to_string())]);
+        assert!(raw.period_type.is_none());
+        let back = decode(&bytes).unwrap();
+        assert_eq!(back.meta.kind, profile.meta.kind);
+        assert_eq!(back.total_count(), 9_000_000);
+        let mut reasons: Vec<_> = back.samples.iter().map(|s| (s.tid, s.off_cpu)).collect();
+        reasons.sort();
+        assert_eq!(
+            reasons,
+            [
+                (42, Some(crate::profile::OffCpuReason::Voluntary)),
+                (43, Some(crate::profile::OffCpuReason::Involuntary))
+            ]
+        );
+    }
 
     /// Everything a sample says, resolved through the tables.
     type Resolved = (

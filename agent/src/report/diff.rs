@@ -22,7 +22,7 @@ use crate::analysis::{compare, FunctionChange, FunctionTable};
 use crate::cli::DiffArgs;
 use crate::export::flamegraph;
 use crate::export::store::show_time;
-use crate::profile::{Profile, SampleKind};
+use crate::profile::Profile;
 
 /// Output extensions, for error messages.
 const OUTPUT_FORMATS: &str = ".svg (differential flame graph), .txt (the change report)";
@@ -104,9 +104,7 @@ fn run_to(args: &DiffArgs, stdout: &mut dyn std::io::Write) -> Result<(), Report
 
 /// `hearth on-CPU diff — BASE a.folded (web1, 10:00 to 10:10) → NEW b.folded`.
 fn title(base: &Profile, new: &Profile, base_src: &Sources, new_src: &Sources) -> String {
-    let kind = match new.meta.kind {
-        SampleKind::OnCpu => "on-CPU",
-    };
+    let kind = new.meta.kind.describe();
     format!(
         "hearth {kind} diff — BASE {} → NEW {}",
         describe(base, base_src.describe_brief()),

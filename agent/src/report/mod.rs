@@ -396,9 +396,7 @@ fn describe_sources_with(plan: &Sources, show: impl Fn(&Path) -> String) -> Stri
 /// Parts nobody knows (folded files have no host or time) are left out.
 fn default_title(profile: &Profile, plan: &Plan) -> String {
     let meta = &profile.meta;
-    let kind = match meta.kind {
-        SampleKind::OnCpu => "on-CPU",
-    };
+    let kind = meta.kind.describe();
     let mut parts = Vec::new();
     if !meta.hostname.is_empty() {
         parts.push(meta.hostname.clone());
@@ -407,7 +405,7 @@ fn default_title(profile: &Profile, plan: &Plan) -> String {
         let end = meta.start.checked_add(meta.duration).unwrap_or(meta.start);
         parts.push(format!("{} to {}", show_time(meta.start), show_time(end)));
     }
-    if meta.frequency_hz > 0 {
+    if meta.frequency_hz > 0 && !matches!(meta.kind, SampleKind::OffCpu(_)) {
         parts.push(format!("{} Hz", meta.frequency_hz));
     }
     let filter = plan.sources.selection.describe_processes();

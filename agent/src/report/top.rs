@@ -257,7 +257,9 @@ async fn live(args: &TopArgs) -> Result<(), ReportError> {
             _ = refresh.tick() => {}
         }
         let window = sampler.drain().map_err(ReportError::Bpf)?;
-        let mut window = processor.process(&window, sampler.frequency_hz());
+        let mut window = processor
+            .process(&window, sampler.frequency_hz(), None)
+            .on_cpu;
         if !source.processes.is_empty() {
             window = window.retain_samples(|p, _| source.processes.iter().any(|n| *n == *p.name));
         }

@@ -12,12 +12,15 @@
 //!   `process.executable.path`, `service.name`), with one `ScopeProfiles`
 //!   (scope `hearth`, the crate version) holding one `Profile`;
 //! * a Profile has sample type `samples`/`count`, period type
-//!   `cpu`/`nanoseconds` and the sampling period, and covers the window
+//!   `cpu`/`nanoseconds` and the sampling period (on-CPU), or sample type
+//!   `off_cpu`/`nanoseconds` or `wall`/`nanoseconds` without a period
+//!   (off-CPU and wall-clock time), and covers the window
 //!   (`time_unix_nano`, `duration_nano`);
 //! * a Sample is one aggregated observation: `values = [count]` and
 //!   `timestamps_unix_nano = [when the stack was last seen]` (the window's
 //!   last nanosecond when unknown), clamped into the profile's time range,
-//!   with `thread.id` and `thread.name` attributes;
+//!   with `thread.id` and `thread.name` attributes, and for off-CPU time
+//!   `hearth.off_cpu.reason` (`voluntary` or `involuntary`);
 //! * a Location is a machine address of a stack: a frame plus the frames
 //!   inlined into it (one Line each, innermost first, the caller last),
 //!   tagged with `profile.frame.type` (`native` or `kernel`); its Mapping
@@ -57,6 +60,7 @@ use prost::Message;
 
 use crate::profile::{
     Frame, FrameId, FrameKind, Process, ProcessId, Profile, ProfileMeta, Sample as ModelSample,
+    SampleKind,
 };
 use crate::symbolize::KERNEL_MAPPING_PATH;
 
@@ -74,6 +78,9 @@ pub const SERVICE_NAME: &str = "service.name";
 pub const THREAD_ID: &str = "thread.id";
 /// Sample attribute: the thread's name (comm).
 pub const THREAD_NAME: &str = "thread.name";
+/// Sample attribute of off-CPU and wall-clock samples: `voluntary` (a
+/// wait) or `involuntary` (preempted while runnable).
+pub const OFF_CPU_REASON: &str = "hearth.off_cpu.reason";
 /// Location attribute: `native` or `kernel`.
 pub const FRAME_TYPE: &str = "profile.frame.type";
 /// Mapping attribute: the file's GNU build ID, lower-case hex.
@@ -505,21 +512,32 @@ impl<'a> Batch<'a> {
     fn open_resource(&mut self, process: ProcessId) {
         let meta = &self.profile.meta;
         let p = self.profile.process(process);
+        // On-CPU values are sample counts, each one period of CPU time;
+        // off-CPU and wall-clock values are nanoseconds and have no period.
+        let (sample_type, period_type, period) = match meta.kind {
+            SampleKind::OnCpu => (
+                ("samples", "count"),
+                Some(("cpu", "nanoseconds")),
+                self.window.period,
+            ),
+            SampleKind::OffCpu(_) => (("off_cpu", "nanoseconds"), None, 0),
+            SampleKind::Wall(_) => (("wall", "nanoseconds"), None, 0),
+        };
         let sample_type = ValueType {
-            type_strindex: self.string("samples"),
-            unit_strindex: self.string("count"),
+            type_strindex: self.string(sample_type.0),
+            unit_strindex: self.string(sample_type.1),
         };
-        let period_type = ValueType {
-            type_strindex: self.string("cpu"),
-            unit_strindex: self.string("nanoseconds"),
-        };
+        let period_type = period_type.map(|(kind, unit)| ValueType {
+            type_strindex: self.string(kind),
+            unit_strindex: self.string(unit),
+        });
         let profile = OtlpProfile {
             sample_type: Some(sample_type),
             samples: Vec::new(),
             time_unix_nano: self.window.start,
             duration_nano: self.window.duration,
-            period_type: Some(period_type),
-            period: self.window.period,
+            period_type,
+            period,
             profile_id: profile_id(self.window.start, p.pid),
             dropped_attributes_count: 0,
             original_payload_format: String::new(),
@@ -559,10 +577,13 @@ impl<'a> Batch<'a> {
             self.open_resource(process);
         }
         let stack_index = self.stack(&sample.frames);
-        let attribute_indices = vec![
+        let mut attribute_indices = vec![
             self.attribute(THREAD_ID, AttrValue::Int(sample.tid.into())),
             self.attribute(THREAD_NAME, AttrValue::Str(&sample.thread_name)),
         ];
+        if let Some(reason) = sample.off_cpu {
+            attribute_indices.push(self.attribute(OFF_CPU_REASON, AttrValue::Str(reason.as_str())));
+        }
         let message = Sample {
             stack_index,
             attribute_indices,
@@ -860,7 +881,7 @@ mod tests {
         for rp in &req.resource_profiles {
             for sp in &rp.scope_profiles {
                 for p in &sp.profiles {
-                    for vt in [p.sample_type.unwrap(), p.period_type.unwrap()] {
+                    for vt in p.sample_type.iter().chain(&p.period_type) {
                         mark(&mut used.strings, vt.type_strindex, n_str, "string");
                         mark(&mut used.strings, vt.unit_strindex, n_str, "string");
                     }
@@ -1076,6 +1097,35 @@ mod tests {
         assert_eq!(p.profile_id.len(), 16);
         assert_ne!(p.profile_id, [0; 16]);
         assert_eq!(p.samples.len(), 3);
+    }
+
+    #[test]
+    fn off_cpu_profiles_carry_nanoseconds_and_the_reason() {
+        let profile = crate::profile::tests::off_cpu_profile();
+        let req = encode_one(&profile);
+        check_dictionary(&req);
+        let p = &req.resource_profiles[0].scope_profiles[0].profiles[0];
+        let t = p.sample_type.unwrap();
+        assert_eq!(
+            (s(&req, t.type_strindex), s(&req, t.unit_strindex)),
+            ("off_cpu", "nanoseconds")
+        );
+        assert!(p.period_type.is_none());
+        assert_eq!(p.period, 0);
+        let mut seen: Vec<(i64, String)> = all_samples(&req)
+            .map(|(_, _, sample)| {
+                let a = attrs(&req, &sample.attribute_indices);
+                (sample.values[0], a[OFF_CPU_REASON].clone())
+            })
+            .collect();
+        seen.sort();
+        assert_eq!(
+            seen,
+            [
+                (3_000_000, "involuntary".to_string()),
+                (6_000_000, "voluntary".to_string())
+            ]
+        );
     }
 
     #[test]

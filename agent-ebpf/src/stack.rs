@@ -1,0 +1,250 @@
+//! User stack walking through frame pointers, shared by the on-CPU and
+//! off-CPU programs, and the stack hash.
+//!
+//! The user stack is walked by hand instead of `bpf_get_stackid(USER)`:
+//! on these VMs the helper costs tens of µs per call, while a frame walk is
+//! one `bpf_probe_read_user` of 16 bytes per frame.
+
+use aya_ebpf::{
+    bindings::pt_regs,
+    helpers::{bpf_probe_read_kernel, bpf_probe_read_user, generated::bpf_task_pt_regs},
+};
+use hearth_ebpf::{Stack, Stat, MAX_USER_FRAMES, STACK_TRUNCATED};
+
+use crate::maps::{count, SCRATCH_STACK};
+
+/// The user registers a stack walk starts from.
+pub struct UserRegs {
+    pub ip: u64,
+    pub fp: u64,
+    pub sp: u64,
+    /// The system call number while in one, else -1 (or an exception's
+    /// error code).
+    pub orig_ax: i64,
+    pub ax: u64,
+}
+
+/// x86-64 entry code stores `-ENOSYS` in `ax` on system call entry; it
+/// stays there until the call returns.
+const ENOSYS_IN_AX: u64 = (-38i64) as u64;
+
+impl UserRegs {
+    /// The task entered the kernel through a system call that has not
+    /// returned yet (rather than an interrupt or exception).
+    #[inline(always)]
+    pub fn in_syscall(&self) -> bool {
+        self.orig_ax >= 0 && self.ax == ENOSYS_IN_AX
+    }
+}
+
+/// User-mode registers of `task`, saved at its last entry into the kernel.
+///
+/// # Safety
+/// `task` must be a valid task pointer the verifier accepts as one.
+#[inline(always)]
+pub unsafe fn task_user_regs(task: *mut aya_ebpf::bindings::task_struct) -> Option<UserRegs> {
+    unsafe {
+        let regs = bpf_task_pt_regs(task as *mut _) as *const pt_regs;
+        if regs.is_null() {
+            return None;
+        }
+        Some(UserRegs {
+            ip: bpf_probe_read_kernel(core::ptr::addr_of!((*regs).rip)).ok()?,
+            fp: bpf_probe_read_kernel(core::ptr::addr_of!((*regs).rbp)).ok()?,
+            sp: bpf_probe_read_kernel(core::ptr::addr_of!((*regs).rsp)).ok()?,
+            orig_ax: bpf_probe_read_kernel(core::ptr::addr_of!((*regs).orig_rax)).ok()? as i64,
+            ax: bpf_probe_read_kernel(core::ptr::addr_of!((*regs).rax)).ok()?,
+        })
+    }
+}
+
+/// The return address of an interrupted function that has no frame of its
+/// own, or `None`.
+///
+/// Compilers omit the frame in leaf functions even with
+/// `-fno-omit-frame-pointer` (gcc does at -O2), and every function lacks it
+/// for its first instruction. Then `rbp` still holds the caller's frame and
+/// a frame-pointer walk skips the caller. Its return address is at `[rsp]`
+/// in that case; we take `[rsp]` when it points far from the stack and the
+/// bytes before it encode a call (`call rel32`, `call *disp32(%rip)`, or
+/// `call *%reg`), which a saved `rbp` or ordinary data almost never does.
+#[inline(always)]
+fn frameless_return_address(sp: u64) -> Option<u64> {
+    if sp == 0 || sp & 7 != 0 {
+        return None;
+    }
+    let candidate: u64 = unsafe { bpf_probe_read_user(sp as *const u64) }.ok()?;
+    follows_call(candidate, sp)
+}
+
+/// Slots scanned above the stack pointer at a system call.
+const SYSCALL_SCAN_CHUNKS: usize = 4;
+const SYSCALL_SCAN_CHUNK: usize = 8;
+
+/// The return address into the function that owns `fp`, for a thread
+/// stopped in a system call wrapper, or `None`.
+///
+/// C libraries are built without frame pointers, so their wrappers (often
+/// a few calls deep: `nanosleep` → `clock_nanosleep`) leave `rbp` pointing
+/// at the frame of the program's own function that called into the
+/// library. The frame walk would start at that function's caller and lose
+/// the function itself. Its return address was pushed just below the
+/// library's frames, so the highest slot under `fp` that holds a return
+/// address (the bytes before it encode a call) is taken.
+#[inline(always)]
+fn syscall_caller(sp: u64, fp: u64) -> Option<u64> {
+    if sp == 0 || sp & 7 != 0 || fp <= sp {
+        return None;
+    }
+    let mut found = None;
+    for chunk in 0..SYSCALL_SCAN_CHUNKS {
+        let base = sp + (chunk * SYSCALL_SCAN_CHUNK * 8) as u64;
+        if base >= fp {
+            break;
+        }
+        let Ok(slots) = (unsafe { bpf_probe_read_user(base as *const [u64; SYSCALL_SCAN_CHUNK]) })
+        else {
+            break;
+        };
+        for (i, &value) in slots.iter().enumerate() {
+            if base + (i as u64) * 8 >= fp {
+                break;
+            }
+            if let Some(ret) = follows_call(value, sp) {
+                found = Some(ret);
+            }
+        }
+    }
+    found
+}
+
+/// `candidate` if it can be a return address: in user space, far from the
+/// stack, and right after a call instruction.
+#[inline(always)]
+fn follows_call(candidate: u64, sp: u64) -> Option<u64> {
+    const USER_TOP: u64 = 1 << 47;
+    if candidate < 0x1000 || candidate >= USER_TOP || candidate.abs_diff(sp) < (1 << 24) {
+        return None;
+    }
+    // before[k] is the byte at candidate - 8 + k.
+    let before: [u8; 8] = unsafe { bpf_probe_read_user((candidate - 8) as *const [u8; 8]) }.ok()?;
+    let call_rel32 = before[3] == 0xe8;
+    let call_rip_indirect = before[2] == 0xff && before[3] == 0x15;
+    let call_register = before[6] == 0xff && before[7] & 0xf8 == 0xd0;
+    (call_rel32 || call_rip_indirect || call_register).then_some(candidate)
+}
+
+/// Walks frame pointers from `regs` (of the current task) into scratch slot
+/// `slot` and returns the stack's hash, which is never 0 (0 means no stack:
+/// only when the scratch slot is missing). `at_syscall`: the thread is
+/// stopped at a system call instruction, usually inside a C library
+/// wrapper (see [`syscall_caller`]).
+#[inline(always)]
+pub fn walk_user_stack(regs: &UserRegs, slot: u32, at_syscall: bool) -> u64 {
+    let Some(stack) = SCRATCH_STACK.get_ptr_mut(slot) else {
+        count(Stat::MapLookupFailed);
+        return 0;
+    };
+    // SAFETY: per-CPU scratch slot, not shared with anyone while we run.
+    let stack = unsafe { &mut *stack };
+    stack.ips[0] = regs.ip;
+    stack.flags = 0;
+    let mut hash = mix(USER_SEED ^ regs.ip);
+    let mut len = 1usize;
+    let mut fp = regs.fp;
+    let mut leaf_return = if at_syscall {
+        syscall_caller(regs.sp, regs.fp).or_else(|| frameless_return_address(regs.sp))
+    } else {
+        frameless_return_address(regs.sp)
+    };
+    let mut ended = false;
+    for _ in 1..MAX_USER_FRAMES {
+        // The frame chain ends at a null or misaligned pointer.
+        if fp == 0 || fp & 7 != 0 {
+            ended = true;
+            break;
+        }
+        // [fp] = caller's frame pointer, [fp + 8] = return address.
+        let frame: [u64; 2] = match unsafe { bpf_probe_read_user(fp as *const [u64; 2]) } {
+            Ok(frame) => frame,
+            Err(_) => {
+                count(Stat::UserStackReadFault);
+                ended = true;
+                break;
+            }
+        };
+        let (next_fp, ret) = (frame[0], frame[1]);
+        if ret == 0 {
+            ended = true;
+            break;
+        }
+        // The first frame: if the interrupted function had no frame, its
+        // own return address comes before the one `rbp` leads to.
+        if let Some(leaf) = leaf_return.take() {
+            if leaf != ret && len < MAX_USER_FRAMES {
+                stack.ips[len] = leaf;
+                hash = mix(hash ^ leaf);
+                len += 1;
+                count(Stat::FramelessCallerRecovered);
+            }
+        }
+        if len >= MAX_USER_FRAMES {
+            break;
+        }
+        stack.ips[len] = ret;
+        hash = mix(hash ^ ret);
+        len += 1;
+        // Callers' frames live at higher addresses; anything else is a
+        // corrupt chain (and would let a cycle run to the depth limit).
+        if next_fp <= fp {
+            ended = true;
+            break;
+        }
+        fp = next_fp;
+    }
+    if !ended {
+        stack.flags |= STACK_TRUNCATED;
+        count(Stat::UserStackTruncated);
+    }
+    stack.len = len as u32;
+    nonzero(hash)
+}
+
+/// Seeds that keep a user stack and a kernel stack with the same addresses
+/// apart in the shared stack maps.
+pub const USER_SEED: u64 = 0x9e37_79b9_7f4a_7c15;
+pub const KERNEL_SEED: u64 = 0x6a09_e667_f3bc_c908;
+
+/// Hash of the first `len` addresses of `stack`, never 0.
+#[inline(always)]
+pub fn hash_stack(stack: &Stack, len: usize, seed: u64) -> u64 {
+    let mut hash = seed;
+    for i in 0..MAX_USER_FRAMES {
+        if i >= len {
+            break;
+        }
+        hash = mix(hash ^ stack.ips[i]);
+    }
+    nonzero(hash)
+}
+
+/// 0 means "no stack" in keys.
+#[inline(always)]
+fn nonzero(hash: u64) -> u64 {
+    if hash == 0 {
+        1
+    } else {
+        hash
+    }
+}
+
+/// 64-bit finalizer (from SplitMix64): cheap, and every input bit affects
+/// every output bit, so stacks that differ in one frame do not collide.
+#[inline(always)]
+pub fn mix(mut x: u64) -> u64 {
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
