@@ -142,12 +142,21 @@ pub struct OffCpuSettings {
 }
 
 impl OffCpuSettings {
+    /// Settings for waits of at least `min`, with `sample_probability` of
+    /// the switches followed.
+    pub fn new(min: Duration, sample_probability: f64) -> OffCpuSettings {
+        OffCpuSettings {
+            min_ns: u64::try_from(min.as_nanos()).unwrap_or(u64::MAX),
+            followed_per_million: (sample_probability * 1e6).round() as u32,
+        }
+    }
+
     fn describe(self) -> String {
         let mut parts = Vec::new();
         if self.min_ns > 0 {
             parts.push(format!(
                 "waits ≥ {}",
-                crate::config::HumanDuration(std::time::Duration::from_nanos(self.min_ns))
+                crate::config::HumanDuration(Duration::from_nanos(self.min_ns))
             ));
         }
         if self.followed_per_million > 0 && self.followed_per_million < 1_000_000 {

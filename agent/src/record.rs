@@ -13,7 +13,7 @@ use tracing::{info, warn};
 use crate::bpf::{
     self, BpfError, BpfStats, OffCpuOptions, SampleSource, Sampler, SamplerOptions, Stat,
 };
-use crate::cli::{OffCpuArgs, RecordArgs, RecordMode};
+use crate::cli::{RecordArgs, RecordMode};
 use crate::export::{self, ExportError, OutputFormat};
 use crate::pipeline::{hostname, WindowProcessor};
 use crate::profile::{
@@ -113,7 +113,8 @@ pub async fn record(args: &RecordArgs) -> Result<RecordSummary, RecordError> {
     bpf::check_btf(&args.kernel_btf)?;
 
     let mode = args.off_cpu.mode();
-    let off_cpu = (mode != RecordMode::OnCpu).then(|| off_cpu_settings(&args.off_cpu));
+    let off_cpu = (mode != RecordMode::OnCpu)
+        .then(|| OffCpuSettings::new(args.off_cpu.off_cpu_min, args.off_cpu.off_cpu_sample));
     let frequency_hz = if mode == RecordMode::OffCpu {
         0
     } else {
@@ -121,8 +122,8 @@ pub async fn record(args: &RecordArgs) -> Result<RecordSummary, RecordError> {
     };
     let mut sampler = Sampler::start(&SamplerOptions {
         frequency_hz,
-        off_cpu: off_cpu.map(|_| OffCpuOptions {
-            min_ns: duration_ns(args.off_cpu.off_cpu_min),
+        off_cpu: off_cpu.map(|settings| OffCpuOptions {
+            min_ns: settings.min_ns,
             sample_probability: args.off_cpu.off_cpu_sample,
         }),
         pids: args.pids.clone(),
@@ -241,18 +242,6 @@ fn drain_into<S: Symbolize>(
         into.merge(off);
     }
     Ok(())
-}
-
-/// How off-CPU time is recorded, as profiles describe it.
-pub fn off_cpu_settings(args: &OffCpuArgs) -> OffCpuSettings {
-    OffCpuSettings {
-        min_ns: duration_ns(args.off_cpu_min),
-        followed_per_million: (args.off_cpu_sample * 1e6).round() as u32,
-    }
-}
-
-fn duration_ns(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Checks each output has a known format and can be created, before any

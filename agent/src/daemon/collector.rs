@@ -79,7 +79,7 @@ fn run(
     let sampler = Sampler::start(&SamplerOptions {
         frequency_hz: governor.frequency_hz(),
         off_cpu: options.off_cpu.map(|o| OffCpuOptions {
-            min_ns: u64::try_from(o.min.as_nanos()).unwrap_or(u64::MAX),
+            min_ns: OffCpuSettings::new(o.min, o.sample_probability).min_ns,
             sample_probability: o.sample_probability,
         }),
         ..SamplerOptions::default()
@@ -108,6 +108,9 @@ fn run(
         metrics,
         windows,
         off_cpu: options.off_cpu,
+        off_cpu_settings: options
+            .off_cpu
+            .map(|o| OffCpuSettings::new(o.min, o.sample_probability)),
     };
     let mut meter = match CpuMeter::new() {
         Ok(m) => Some(m),
@@ -180,18 +183,16 @@ struct Collector {
     metrics: Arc<Metrics>,
     windows: Sender<Profile>,
     off_cpu: Option<OffCpuConfig>,
+    /// How off-CPU windows describe their recording.
+    off_cpu_settings: Option<OffCpuSettings>,
 }
 
 impl Collector {
     fn drain(&mut self, sampler: &mut Sampler) -> Result<(), BpfError> {
         let window = sampler.drain()?;
-        let settings = self.off_cpu.map(|o| OffCpuSettings {
-            min_ns: u64::try_from(o.min.as_nanos()).unwrap_or(u64::MAX),
-            followed_per_million: (o.sample_probability * 1e6).round() as u32,
-        });
-        let profiles = self
-            .processor
-            .process(&window, sampler.frequency_hz(), settings);
+        let profiles =
+            self.processor
+                .process(&window, sampler.frequency_hz(), self.off_cpu_settings);
         let profile = &profiles.on_cpu;
         let m = &self.metrics;
         for stat in Stat::ALL {

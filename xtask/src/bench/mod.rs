@@ -1,8 +1,10 @@
-//! `cargo xtask bench [record|daemon]`: overhead measurements (as root).
+//! `cargo xtask bench [record|daemon|off-cpu]`: overhead measurements (as
+//! root).
 //! Each writes a Markdown table to `target/bench/<name>.md`; README quotes
 //! them.
 
 mod daemon;
+mod off_cpu;
 mod record;
 
 use anyhow::Result;
@@ -17,6 +19,10 @@ pub enum Which {
     Record,
     /// `hearth run` in steady state: CPU, RSS, map memory, bytes per sample.
     Daemon,
+    /// `hearth record --off-cpu` on a context-switch-heavy load: slowdown of
+    /// a pipe ping-pong, BPF time per switch, agent CPU.
+    #[value(name = "off-cpu")]
+    OffCpu,
 }
 
 pub fn bench(which: Option<Which>) -> Result<()> {
@@ -25,6 +31,9 @@ pub fn bench(which: Option<Which>) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     if which.is_none_or(|w| w == Which::Daemon) {
         daemon::bench(&hearth, &dir)?;
+    }
+    if which.is_none_or(|w| w == Which::OffCpu) {
+        off_cpu::bench(&hearth, &dir)?;
     }
     if which.is_none_or(|w| w == Which::Record) {
         record::bench(&hearth, &dir)?;
