@@ -15,10 +15,9 @@ pub mod names {
     pub const ON_CPU_PROGRAM: &str = "on_cpu_sample";
     pub const OFF_CPU_SWITCH_PROGRAM: &str = "off_cpu_switch";
     pub const OFF_CPU_SYSCALL_EXIT_PROGRAM: &str = "off_cpu_syscall_exit";
-    /// Threads off CPU now, keyed by task pointer: [`crate::BlockedThread`].
-    pub const OFF_CPU_START: &str = "OFF_CPU_START";
-    /// Woken threads whose user stack is walked at their syscall exit.
-    pub const OFF_CPU_PENDING: &str = "OFF_CPU_PENDING";
+    pub const OFF_CPU_RSEQ_PROGRAM: &str = "off_cpu_rseq_return";
+    /// Per-thread off-CPU state (task storage, kernel-private).
+    pub const OFF_CPU_THREADS: &str = "OFF_CPU_THREADS";
     /// Global: blocked time below this many nanoseconds is not recorded.
     pub const OFF_CPU_MIN_NS: &str = "OFF_CPU_MIN_NS";
     /// Global: a switch-out is followed when `bpf_get_prandom_u32()` is
@@ -41,7 +40,16 @@ pub mod names {
 /// programs currently write to (0 or 1). Userspace flips it, waits for
 /// in-flight programs to finish, then drains the other window.
 pub const CONTROL_ACTIVE_WINDOW: u32 = 0;
-pub const CONTROL_ENTRIES: u32 = 1;
+/// Index into `CONTROL`: the off-CPU epoch, bumped by userspace each time
+/// the off-CPU programs are attached. Per-thread state written under
+/// another epoch (before a stop) is ignored, so no wait spans a detach.
+pub const CONTROL_OFF_CPU_EPOCH: u32 = 1;
+/// Index into `CONTROL`: woken threads whose wait is recorded at their
+/// system call's exit (kept by the kernel programs). While it is 0 the
+/// system-call-exit program returns at once; userspace resets it with the
+/// epoch.
+pub const CONTROL_OFF_CPU_PENDING: u32 = 2;
+pub const CONTROL_ENTRIES: u32 = 3;
 
 /// [`SampleKey::flags`]: the sample interrupted kernel mode.
 pub const SAMPLE_IN_KERNEL: u32 = 1 << 0;
@@ -54,14 +62,6 @@ pub const SAMPLE_INVOLUNTARY: u32 = 1 << 2;
 pub const STACK_TRUNCATED: u32 = 1 << 0;
 /// [`Stack::flags`]: a kernel stack (of a blocked thread).
 pub const STACK_KERNEL: u32 = 1 << 1;
-
-/// [`BlockedThread::flags`]: the thread was preempted while runnable.
-pub const BLOCKED_INVOLUNTARY: u32 = 1 << 0;
-/// [`BlockedThread::flags`]: the thread blocked inside a system call, so its
-/// user stack is walked when that call returns.
-pub const BLOCKED_IN_SYSCALL: u32 = 1 << 1;
-/// [`BlockedThread::flags`]: a kernel thread, without user stack.
-pub const BLOCKED_NO_USER: u32 = 1 << 2;
 
 /// Key of the per-window count maps: one entry per distinct thread and
 /// stack pair (and, for off-CPU samples, kind of wait).
@@ -142,18 +142,28 @@ pub enum Stat {
     OffCpuExiting,
     /// A thread left the CPU and its start time was stored.
     OffCpuStarted,
-    /// The start map was full: the wait is not followed.
-    OffCpuStartFull,
+    /// No per-thread storage could be had (out of memory): the wait is not
+    /// followed.
+    OffCpuNoThreadStorage,
     /// A followed thread came back on CPU.
     OffCpuWoken,
+    /// A thread came back whose start was stored before the programs were
+    /// last attached: ignored.
+    OffCpuStartStale,
     /// Woken after less than the minimum blocked time: not recorded.
     OffCpuBelowMin,
     /// Nanoseconds of the waits counted in `OffCpuBelowMin`.
     OffCpuBelowMinNs,
     /// Woken inside a system call: recorded when the call returns.
     OffCpuDeferred,
-    /// The pending map was full: a deferred wait was lost.
-    OffCpuPendingFull,
+    /// A thread blocked again, long enough, before the system call of its
+    /// deferred wait returned, with another kernel stack: the earlier wait
+    /// was lost. (With the same kernel stack the two waits are merged.)
+    OffCpuPendingReplaced,
+    /// A thread blocked again, long enough, in the same place before the
+    /// system call of its deferred wait returned: the two waits are
+    /// recorded as one (time summed).
+    OffCpuPendingMerged,
     /// A wait was added to a count map.
     OffCpuRecorded,
     /// Count map full: a wait was lost.
@@ -161,6 +171,9 @@ pub enum Stat {
     /// Stack map full or `bpf_get_task_stack` failed: the wait was recorded
     /// without its kernel stack.
     OffCpuDropKernelStack,
+    /// A thread slept in a page fault: its wait is recorded with the
+    /// faulting instruction only as user stack.
+    OffCpuUserLeafOnly,
     /// User stacks walked when a thread left the CPU outside a system call
     /// (preempted in user mode, or a page fault), before the wait's length
     /// is known.
@@ -191,15 +204,18 @@ impl Stat {
         Stat::OffCpuUnsampled,
         Stat::OffCpuExiting,
         Stat::OffCpuStarted,
-        Stat::OffCpuStartFull,
+        Stat::OffCpuNoThreadStorage,
         Stat::OffCpuWoken,
+        Stat::OffCpuStartStale,
         Stat::OffCpuBelowMin,
         Stat::OffCpuBelowMinNs,
         Stat::OffCpuDeferred,
-        Stat::OffCpuPendingFull,
+        Stat::OffCpuPendingReplaced,
+        Stat::OffCpuPendingMerged,
         Stat::OffCpuRecorded,
         Stat::OffCpuDropCountsFull,
         Stat::OffCpuDropKernelStack,
+        Stat::OffCpuUserLeafOnly,
         Stat::OffCpuEagerWalks,
         Stat::OffCpuPendingStale,
     ];
@@ -225,15 +241,18 @@ impl Stat {
             Stat::OffCpuUnsampled => "off_cpu_unsampled",
             Stat::OffCpuExiting => "off_cpu_exiting",
             Stat::OffCpuStarted => "off_cpu_started",
-            Stat::OffCpuStartFull => "off_cpu_start_full",
+            Stat::OffCpuNoThreadStorage => "off_cpu_no_thread_storage",
             Stat::OffCpuWoken => "off_cpu_woken",
+            Stat::OffCpuStartStale => "off_cpu_start_stale",
             Stat::OffCpuBelowMin => "off_cpu_below_min",
             Stat::OffCpuBelowMinNs => "off_cpu_below_min_ns",
             Stat::OffCpuDeferred => "off_cpu_deferred",
-            Stat::OffCpuPendingFull => "off_cpu_pending_full",
+            Stat::OffCpuPendingReplaced => "off_cpu_pending_replaced",
+            Stat::OffCpuPendingMerged => "off_cpu_pending_merged",
             Stat::OffCpuRecorded => "off_cpu_recorded",
             Stat::OffCpuDropCountsFull => "off_cpu_drop_counts_full",
             Stat::OffCpuDropKernelStack => "off_cpu_drop_kernel_stack",
+            Stat::OffCpuUserLeafOnly => "off_cpu_user_leaf_only",
             Stat::OffCpuEagerWalks => "off_cpu_eager_walks",
             Stat::OffCpuPendingStale => "off_cpu_pending_stale",
         }
@@ -254,36 +273,12 @@ pub struct SampleCount {
     pub off_cpu_ns: u64,
 }
 
-/// A thread off CPU: the value of `OFF_CPU_START` (keyed by task pointer,
-/// since a switched-in task's pid is not at hand without BTF offsets) and
-/// of `OFF_CPU_PENDING` (keyed by thread id).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct BlockedThread {
-    /// START: `bpf_ktime_get_ns` when it left the CPU. PENDING: nanoseconds
-    /// it was off CPU.
-    pub time_ns: u64,
-    /// User stack walked when it left the CPU (0: none yet).
-    pub user_stack: u64,
-    /// PENDING: kernel stack it blocked in (0: none).
-    pub blocked_stack: u64,
-    /// PENDING: the system call it blocked in, checked at the call's exit.
-    pub syscall: i64,
-    pub tgid: u32,
-    pub tid: u32,
-    /// `BLOCKED_*` bits.
-    pub flags: u32,
-    pub _pad: u32,
-    pub comm: [u8; 16],
-}
-
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain-old-data, repr(C), no implicit padding (checked below).
     unsafe impl aya::Pod for super::SampleKey {}
     unsafe impl aya::Pod for super::Stack {}
     unsafe impl aya::Pod for super::SampleCount {}
-    unsafe impl aya::Pod for super::BlockedThread {}
 }
 
 // The layouts must have no implicit padding: a padding byte would carry
@@ -291,4 +286,3 @@ mod pod {
 const _: () = assert!(core::mem::size_of::<SampleKey>() == 4 + 4 + 8 + 8 + 4 + 4 + 16);
 const _: () = assert!(core::mem::size_of::<Stack>() == 4 + 4 + 8 * MAX_USER_FRAMES);
 const _: () = assert!(core::mem::size_of::<SampleCount>() == 8 + 8 + 8);
-const _: () = assert!(core::mem::size_of::<BlockedThread>() == 8 * 4 + 4 * 4 + 16);

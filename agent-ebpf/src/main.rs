@@ -3,6 +3,12 @@
 //! One file per program; maps shared between programs live in `maps`.
 //! On the host this binary is an empty stub so workspace builds work.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
+// `core::intrinsics::atomic_xadd`: the BPF target has no atomic types.
+#![cfg_attr(
+    target_arch = "bpf",
+    feature(core_intrinsics),
+    allow(internal_features)
+)]
 
 #[cfg(target_arch = "bpf")]
 mod maps;

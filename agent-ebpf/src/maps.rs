@@ -3,14 +3,18 @@
 //!
 //! Sizes here are defaults; userspace sets the real ones at load time.
 
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
+
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
+    bindings::{
+        bpf_map_type::BPF_MAP_TYPE_TASK_STORAGE, task_struct, BPF_F_NO_PREALLOC,
+        BPF_LOCAL_STORAGE_GET_F_CREATE, BPF_NOEXIST,
+    },
+    helpers::generated::bpf_task_storage_get,
     macros::map,
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, StackTrace},
 };
-use hearth_ebpf::{
-    BlockedThread, SampleCount, SampleKey, Stack, Stat, CONTROL_ACTIVE_WINDOW, CONTROL_ENTRIES,
-};
+use hearth_ebpf::{SampleCount, SampleKey, Stack, Stat, CONTROL_ACTIVE_WINDOW, CONTROL_ENTRIES};
 
 /// `CONTROL[CONTROL_ACTIVE_WINDOW]`: the window (0 or 1) programs write to.
 #[map]
@@ -34,17 +38,6 @@ pub const SCRATCH_ON_CPU: u32 = 0;
 pub const SCRATCH_SWITCH_USER: u32 = 1;
 pub const SCRATCH_SWITCH_KERNEL: u32 = 2;
 pub const SCRATCH_SYSCALL_EXIT: u32 = 3;
-
-/// Threads off CPU, keyed by task pointer. Not per window: a wait may span
-/// a drain. A thread that never runs again (blocked for good) keeps its
-/// entry; a full map is counted (`OffCpuStartFull`) rather than evicting.
-#[map]
-pub static OFF_CPU_START: HashMap<u64, BlockedThread> = HashMap::with_max_entries(32768, 0);
-
-/// Woken threads whose user stack is walked at their system call's exit,
-/// keyed by thread id.
-#[map]
-pub static OFF_CPU_PENDING: HashMap<u32, BlockedThread> = HashMap::with_max_entries(8192, 0);
 
 // Double-buffered per-window maps: programs write to the window named by
 // CONTROL while userspace drains and clears the other one, so a drain
@@ -106,6 +99,75 @@ pub fn add(stat: Stat, n: u64) {
         // another on a CPU (perf_event programs do not run while a tracing
         // program runs): a plain add suffices.
         unsafe { *slot += n };
+    }
+}
+
+/// `CONTROL[index]`, 0 if missing.
+#[inline(always)]
+pub fn control(index: u32) -> u32 {
+    CONTROL.get(index).copied().unwrap_or(0)
+}
+
+/// Adds `delta` (wrapping) to `CONTROL[index]`, atomically: every CPU
+/// shares the array.
+#[inline(always)]
+pub fn control_add(index: u32, delta: u32) {
+    if let Some(slot) = CONTROL.get_ptr_mut(index) {
+        // SAFETY: a u32 slot of an array map value, valid while we run and
+        // 4-byte aligned. The result is not used, so this compiles to BPF's
+        // atomic add, which every BPF CPU version has (`core` offers no
+        // atomic types on this target).
+        unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(slot, delta) };
+    }
+}
+
+/// A task-local storage map (`BPF_MAP_TYPE_TASK_STORAGE`): one `T` per
+/// thread, found through the task itself (no hash, no lock, no eviction),
+/// freed by the kernel when the thread exits. aya-ebpf 0.2 has no such
+/// type, so it is declared here in the BTF map layout its loader reads
+/// (see aya-ebpf's `btf_maps`); the kernel requires BTF for these maps.
+#[repr(C)]
+pub struct TaskStorage<T> {
+    r#type: *const [i32; BPF_MAP_TYPE_TASK_STORAGE as usize],
+    key: *const i32,
+    value: *const T,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; BPF_F_NO_PREALLOC as usize],
+}
+
+// SAFETY: the fields are placeholders the loader reads from BTF; they are
+// never dereferenced.
+unsafe impl<T> Sync for TaskStorage<T> {}
+
+impl<T> TaskStorage<T> {
+    pub const fn new() -> Self {
+        Self {
+            r#type: core::ptr::null(),
+            key: core::ptr::null(),
+            value: core::ptr::null(),
+            max_entries: core::ptr::null(),
+            map_flags: core::ptr::null(),
+        }
+    }
+
+    /// `task`'s value, zero-filled on first use when `create` is set.
+    /// `None` when it has none (or, with `create`, out of memory).
+    ///
+    /// # Safety
+    /// `task` must be a task pointer the verifier trusts (a BTF task
+    /// pointer from `bpf_get_current_task_btf` or a tracepoint argument).
+    #[inline(always)]
+    pub unsafe fn get(&self, task: *mut task_struct, create: bool) -> Option<&mut T> {
+        let flags = if create {
+            BPF_LOCAL_STORAGE_GET_F_CREATE as u64
+        } else {
+            0
+        };
+        let map = core::ptr::from_ref(self).cast_mut().cast();
+        // SAFETY: see the function's contract.
+        let value = unsafe { bpf_task_storage_get(map, task.cast(), core::ptr::null_mut(), flags) };
+        // SAFETY: a live map value of type T (the kernel sized it from BTF).
+        unsafe { value.cast::<T>().as_mut() }
     }
 }
 

@@ -7,7 +7,7 @@
 
 use aya_ebpf::{
     bindings::pt_regs,
-    helpers::{bpf_probe_read_kernel, bpf_probe_read_user, generated::bpf_task_pt_regs},
+    helpers::{bpf_probe_read_user, generated::bpf_task_pt_regs},
 };
 use hearth_ebpf::{Stack, Stat, MAX_USER_FRAMES, STACK_TRUNCATED};
 
@@ -39,6 +39,11 @@ impl UserRegs {
 
 /// User-mode registers of `task`, saved at its last entry into the kernel.
 ///
+/// The registers are read with plain loads: `bpf_task_pt_regs` returns a
+/// BTF pointer, which the verifier turns into faulting-safe loads, several
+/// times cheaper than one `bpf_probe_read_kernel` call each. This runs on
+/// every followed context switch.
+///
 /// # Safety
 /// `task` must be a valid task pointer the verifier accepts as one.
 #[inline(always)]
@@ -49,11 +54,11 @@ pub unsafe fn task_user_regs(task: *mut aya_ebpf::bindings::task_struct) -> Opti
             return None;
         }
         Some(UserRegs {
-            ip: bpf_probe_read_kernel(core::ptr::addr_of!((*regs).rip)).ok()?,
-            fp: bpf_probe_read_kernel(core::ptr::addr_of!((*regs).rbp)).ok()?,
-            sp: bpf_probe_read_kernel(core::ptr::addr_of!((*regs).rsp)).ok()?,
-            orig_ax: bpf_probe_read_kernel(core::ptr::addr_of!((*regs).orig_rax)).ok()? as i64,
-            ax: bpf_probe_read_kernel(core::ptr::addr_of!((*regs).rax)).ok()?,
+            ip: core::ptr::read_volatile(core::ptr::addr_of!((*regs).rip)),
+            fp: core::ptr::read_volatile(core::ptr::addr_of!((*regs).rbp)),
+            sp: core::ptr::read_volatile(core::ptr::addr_of!((*regs).rsp)),
+            orig_ax: core::ptr::read_volatile(core::ptr::addr_of!((*regs).orig_rax)) as i64,
+            ax: core::ptr::read_volatile(core::ptr::addr_of!((*regs).rax)),
         })
     }
 }

@@ -94,7 +94,7 @@ impl BpfStats {
     /// Off-CPU waits that ended but were not recorded because of a full map
     /// or an inconsistency (not because of the minimum or sampling).
     pub fn off_cpu_lost(&self) -> u64 {
-        self.get(Stat::OffCpuPendingFull)
+        self.get(Stat::OffCpuPendingReplaced)
             + self.get(Stat::OffCpuDropCountsFull)
             + self.get(Stat::OffCpuPendingStale)
     }
@@ -197,7 +197,7 @@ impl Sampler {
             .map(|(key, count, last_seen_ns, off_cpu_ns)| RawSample {
                 tgid: key.tgid,
                 tid: key.tid,
-                comm: comm_to_string(&key.comm),
+                comm: thread_name(&key),
                 user_stack: key.user_stack,
                 kernel_stack: u32::try_from(key.kernel_stack).ok(),
                 in_kernel: key.flags & SAMPLE_IN_KERNEL != 0,
@@ -271,6 +271,20 @@ impl Sampler {
     }
 }
 
+/// The thread's name as the kernel program read it, or, where it left it
+/// out (off-CPU waits recorded while another task was current, where
+/// copying it would cost the hot path), as /proc has it now; empty if the
+/// thread is gone.
+fn thread_name(key: &SampleKey) -> String {
+    let name = comm_to_string(&key.comm);
+    if !name.is_empty() {
+        return name;
+    }
+    std::fs::read_to_string(format!("/proc/{}/task/{}/comm", key.tgid, key.tid))
+        .map(|comm| comm.trim_end_matches('\n').to_owned())
+        .unwrap_or_default()
+}
+
 fn comm_to_string(comm: &[u8; 16]) -> String {
     let len = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
     String::from_utf8_lossy(&comm[..len]).into_owned()
@@ -317,6 +331,29 @@ mod tests {
         assert_eq!(comm_to_string(&full).len(), 16);
         comm[0] = 0xff;
         assert!(comm_to_string(&comm).ends_with("ash"));
+    }
+
+    #[test]
+    fn a_name_left_out_by_the_kernel_comes_from_proc() {
+        let me = std::process::id();
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() } as u32;
+        let expected = std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")).unwrap();
+        let mut key = SampleKey {
+            tgid: me,
+            tid,
+            user_stack: 0,
+            blocked_stack: 0,
+            kernel_stack: -1,
+            flags: 0,
+            comm: [0; 16],
+        };
+        assert_eq!(thread_name(&key), expected.trim_end());
+        key.comm[..4].copy_from_slice(b"kept");
+        assert_eq!(thread_name(&key), "kept");
+        key.comm = [0; 16];
+        key.tid = u32::MAX;
+        assert_eq!(thread_name(&key), "", "a thread that is gone has no name");
     }
 
     #[test]

@@ -5,14 +5,16 @@
 
 use std::time::SystemTime;
 
-use aya::maps::{Array, HashMap as BpfHashMap, MapData};
+use aya::maps::{Array, HashMap as BpfHashMap};
 use aya::programs::perf_event::{
     PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent,
 };
 use aya::programs::tp_btf::BtfTracePointLinkId;
 use aya::programs::{BtfTracePoint, PerfEvent};
 use aya::{Btf, Ebpf, EbpfLoader};
-use hearth_ebpf::{names, BlockedThread, Stat, CONTROL_ACTIVE_WINDOW};
+use hearth_ebpf::{
+    names, Stat, CONTROL_ACTIVE_WINDOW, CONTROL_OFF_CPU_EPOCH, CONTROL_OFF_CPU_PENDING,
+};
 
 use super::{map_error, BpfError};
 
@@ -92,8 +94,8 @@ pub struct Sampler {
     pub(super) previous_stacks: std::collections::HashMap<u64, super::RawStack>,
     /// One perf event link per CPU; empty once stopped.
     links: Vec<PerfEventLinkId>,
-    /// Off-CPU programs are loaded.
-    off_cpu: bool,
+    /// The off-CPU programs loaded (none without off-CPU profiling).
+    off_cpu_programs: Vec<&'static str>,
     /// The off-CPU programs' links; empty once stopped.
     off_cpu_links: Vec<(&'static str, BtfTracePointLinkId)>,
 }
@@ -103,6 +105,9 @@ impl Sampler {
     pub fn start(opts: &SamplerOptions) -> Result<Self, BpfError> {
         let filter_by_pid = u8::from(!opts.pids.is_empty());
         let mut loader = EbpfLoader::new();
+        // The off-CPU programs keep per-thread state in task storage, which
+        // aya creates but offers no userspace handle for; none is needed.
+        loader.allow_unsupported_maps();
         for name in names::COUNTS {
             loader.map_max_entries(name, opts.max_sample_keys);
         }
@@ -135,6 +140,7 @@ impl Sampler {
         set_active_window(&mut ebpf, 0)?;
 
         on_cpu_program(&mut ebpf)?.load().map_err(program_error)?;
+        let mut off_cpu_programs = Vec::new();
         if opts.off_cpu.is_some() {
             let btf = Btf::from_sys_fs().map_err(BpfError::Btf)?;
             for (name, tracepoint) in OFF_CPU_PROGRAMS {
@@ -142,6 +148,17 @@ impl Sampler {
                 program
                     .load(tracepoint, &btf)
                     .map_err(program_error_of(name))?;
+                off_cpu_programs.push(name);
+            }
+            let (name, tracepoint) = OFF_CPU_RSEQ_PROGRAM;
+            match btf_tracepoint(&mut ebpf, name)?.load(tracepoint, &btf) {
+                Ok(()) => off_cpu_programs.push(name),
+                // A kernel without restartable sequences: threads preempted
+                // in user mode are walked when they leave the CPU instead.
+                Err(error) => tracing::info!(
+                    %error,
+                    "no rseq_update tracepoint: preempted threads' stacks are walked eagerly"
+                ),
             }
         }
         let mut sampler = Self {
@@ -152,7 +169,7 @@ impl Sampler {
             stats_seen: [0; Stat::COUNT as usize],
             previous_stacks: Default::default(),
             links: Vec::new(),
-            off_cpu: opts.off_cpu.is_some(),
+            off_cpu_programs,
             off_cpu_links: Vec::new(),
         };
         sampler.resume(opts.frequency_hz)?;
@@ -161,7 +178,7 @@ impl Sampler {
 
     /// The off-CPU programs are attached (or were, before [`stop`](Self::stop)).
     pub fn off_cpu(&self) -> bool {
-        self.off_cpu
+        !self.off_cpu_programs.is_empty()
     }
 
     /// Attaches the program to every online CPU at `frequency_hz` (after
@@ -171,11 +188,11 @@ impl Sampler {
         if !self.links.is_empty() || !self.off_cpu_links.is_empty() {
             self.stop()?;
         }
-        if self.off_cpu {
+        if self.off_cpu() {
             // Waits begun before a stop were never finished: their threads
             // were switched back in while nothing was attached.
-            self.clear_off_cpu_state()?;
-            for (name, _) in OFF_CPU_PROGRAMS {
+            self.next_off_cpu_epoch()?;
+            for name in self.off_cpu_programs.clone() {
                 let link = btf_tracepoint(&mut self.ebpf, name)?
                     .attach()
                     .map_err(program_error_of(name))?;
@@ -221,31 +238,41 @@ impl Sampler {
         Ok(())
     }
 
-    /// Waits in flight: threads off CPU now, and woken threads whose wait is
-    /// recorded at their system call's exit. Stats add up with these.
-    pub fn off_cpu_in_flight(&self) -> Result<(u64, u64), BpfError> {
-        let started = self
-            .blocked_map::<u64>(names::OFF_CPU_START)?
-            .keys()
-            .count() as u64;
-        let pending = self
-            .blocked_map::<u32>(names::OFF_CPU_PENDING)?
-            .keys()
-            .count() as u64;
-        Ok((started, pending))
+    /// Starts a new off-CPU epoch: per-thread state the kernel programs
+    /// stored under an earlier one is ignored from now on (it lives in task
+    /// storage, which userspace cannot list or clear), and the count of
+    /// pending waits starts from 0 again.
+    fn next_off_cpu_epoch(&mut self) -> Result<(), BpfError> {
+        let map = self
+            .ebpf
+            .map_mut(names::CONTROL)
+            .ok_or(BpfError::Missing(names::CONTROL))?;
+        let mut control: Array<_, u32> = Array::try_from(map).map_err(map_error(names::CONTROL))?;
+        let epoch = control
+            .get(&CONTROL_OFF_CPU_EPOCH, 0)
+            .map_err(map_error(names::CONTROL))?;
+        // 0 means "no wait" in the kernel's state.
+        let next = epoch.wrapping_add(1).max(1);
+        control
+            .set(CONTROL_OFF_CPU_EPOCH, next, 0)
+            .map_err(map_error(names::CONTROL))?;
+        control
+            .set(CONTROL_OFF_CPU_PENDING, 0, 0)
+            .map_err(map_error(names::CONTROL))
     }
 
-    fn blocked_map<K: aya::Pod>(
-        &self,
-        name: &'static str,
-    ) -> Result<BpfHashMap<&MapData, K, BlockedThread>, BpfError> {
-        let map = self.ebpf.map(name).ok_or(BpfError::Missing(name))?;
-        BpfHashMap::try_from(map).map_err(map_error(name))
-    }
-
-    fn clear_off_cpu_state(&mut self) -> Result<(), BpfError> {
-        clear::<u64>(&mut self.ebpf, names::OFF_CPU_START)?;
-        clear::<u32>(&mut self.ebpf, names::OFF_CPU_PENDING)
+    /// Woken threads whose wait is recorded at the exit of their system
+    /// call, as the kernel programs count them.
+    pub fn off_cpu_pending(&self) -> Result<u64, BpfError> {
+        let map = self
+            .ebpf
+            .map(names::CONTROL)
+            .ok_or(BpfError::Missing(names::CONTROL))?;
+        let control: Array<_, u32> = Array::try_from(map).map_err(map_error(names::CONTROL))?;
+        let pending = control
+            .get(&CONTROL_OFF_CPU_PENDING, 0)
+            .map_err(map_error(names::CONTROL))?;
+        Ok(u64::from(pending))
     }
 }
 
@@ -255,6 +282,10 @@ const OFF_CPU_PROGRAMS: [(&str, &str); 2] = [
     (names::OFF_CPU_SYSCALL_EXIT_PROGRAM, "sys_exit"),
 ];
 
+/// Optional: where the kernel has it, the hook that walks the stacks of
+/// threads preempted in user mode when they return to it.
+const OFF_CPU_RSEQ_PROGRAM: (&str, &str) = (names::OFF_CPU_RSEQ_PROGRAM, "rseq_update");
+
 fn btf_tracepoint<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
@@ -263,18 +294,6 @@ fn btf_tracepoint<'a>(
         .ok_or(BpfError::Missing(name))?
         .try_into()
         .map_err(program_error_of(name))
-}
-
-fn clear<K: aya::Pod + Copy>(ebpf: &mut Ebpf, name: &'static str) -> Result<(), BpfError> {
-    let map = ebpf.map_mut(name).ok_or(BpfError::Missing(name))?;
-    let mut map: BpfHashMap<_, K, BlockedThread> =
-        BpfHashMap::try_from(map).map_err(map_error(name))?;
-    let keys: Vec<K> = map.keys().filter_map(Result::ok).collect();
-    for key in keys {
-        // An entry that vanished meanwhile is as good as removed.
-        let _ = map.remove(&key);
-    }
-    Ok(())
 }
 
 fn on_cpu_program(ebpf: &mut Ebpf) -> Result<&mut PerfEvent, BpfError> {
