@@ -7,6 +7,7 @@
 
 pub mod analysis;
 pub mod bpf;
+pub mod caps;
 pub mod cli;
 pub mod config;
 pub mod daemon;

@@ -46,7 +46,7 @@ impl RecordError {
     pub fn exit_code(&self) -> u8 {
         match self {
             RecordError::UnknownFormat(_) => 2,
-            RecordError::Bpf(BpfError::Privileges { .. }) => 3,
+            RecordError::Bpf(BpfError::Privileges(_)) => 3,
             RecordError::Bpf(BpfError::NoBtf { .. }) => 4,
             RecordError::NoSuchProcess(_) => 5,
             RecordError::Unwritable { .. } | RecordError::Write(_) => 6,

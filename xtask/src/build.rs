@@ -133,10 +133,61 @@ fn ensure_chromium() -> Result<()> {
     Ok(())
 }
 
+/// The chart checks (`deploy/helm/check_chart.py`) validate every rendered
+/// object against the Kubernetes schemas this package ships.
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+
+fn ensure_kubernetes_validate() -> Result<()> {
+    let installed = Command::new("python3")
+        .args([
+            "-c",
+            "import kubernetes_validate, sys; sys.exit(kubernetes_validate.__version__ != sys.argv[1])",
+            KUBERNETES_VALIDATE_VERSION,
+        ])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if installed {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: installing kubernetes-validate {KUBERNETES_VALIDATE_VERSION} from PyPI (for the Helm chart checks)"
+    );
+    run(Command::new("python3")
+        .args(["-m", "pip", "install", "-q"])
+        .arg(format!(
+            "kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"
+        )))
+}
+
+/// `systemd-analyze verify` checks the systemd unit; Debian ships it in
+/// the `systemd` package (installed here even where systemd is not PID 1).
+fn ensure_systemd_analyze() -> Result<()> {
+    let present = Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if present {
+        return Ok(());
+    }
+    eprintln!("xtask: installing systemd with apt-get (for systemd-analyze verify)");
+    let install = || {
+        run(as_root("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-q", "--no-install-recommends", "systemd"]))
+    };
+    if install().is_err() {
+        run(as_root("apt-get").args(["update", "-q"]))?;
+        install().context("install systemd with apt-get")?;
+    }
+    Ok(())
+}
+
 pub fn test(filter: Option<&str>) -> Result<()> {
     let started = Instant::now();
     let path_with_go = ensure_go()?;
     ensure_chromium()?;
+    ensure_kubernetes_validate()?;
+    ensure_systemd_analyze()?;
     let object = build_ebpf()?;
     eprintln!("xtask: eBPF object ready after {:.0?}", started.elapsed());
 

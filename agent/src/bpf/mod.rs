@@ -17,11 +17,10 @@ pub use preflight::{check_btf, check_privileges};
 /// Why the kernel side could not be set up or read.
 #[derive(Debug, thiserror::Error)]
 pub enum BpfError {
-    /// The process lacks capabilities it needs; names them.
-    #[error(
-        "missing privileges: hearth needs {missing} (run as root, or grant these capabilities)"
-    )]
-    Privileges { missing: String },
+    /// The process lacks capabilities it needs; names each and what it is
+    /// for.
+    #[error(transparent)]
+    Privileges(#[from] crate::caps::MissingCapabilities),
     /// The kernel exposes no BTF (`/sys/kernel/btf/vmlinux`).
     #[error(
         "this kernel has no BTF ({path} is missing): hearth needs a kernel built with \

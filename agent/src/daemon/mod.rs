@@ -60,7 +60,7 @@ impl DaemonError {
     /// Process exit code; the same scheme as `hearth record` (README).
     pub fn exit_code(&self) -> u8 {
         match self {
-            DaemonError::Bpf(BpfError::Privileges { .. }) => 3,
+            DaemonError::Bpf(BpfError::Privileges(_)) => 3,
             DaemonError::Bpf(BpfError::NoBtf { .. }) => 4,
             DaemonError::Store(_)
             | DaemonError::Client(_)

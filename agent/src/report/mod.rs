@@ -98,7 +98,7 @@ impl ReportError {
             ReportError::Unwritable { .. } => 6,
             ReportError::NoSamples(_) => 7,
             // The same codes as `hearth record`.
-            ReportError::Bpf(crate::bpf::BpfError::Privileges { .. }) => 3,
+            ReportError::Bpf(crate::bpf::BpfError::Privileges(_)) => 3,
             ReportError::Bpf(crate::bpf::BpfError::NoBtf { .. }) => 4,
             ReportError::NoSuchProcess(_) => 5,
             ReportError::Store(e) if e.is_nothing_matched() => 7,

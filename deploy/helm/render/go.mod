@@ -1,0 +1,3 @@
+module hearth/helm-render
+
+go 1.22
