@@ -139,6 +139,10 @@ struct ProfilerCost {
     switch: BpfRuns,
     /// The `sys_exit` program: one run per system call.
     sys_exit: BpfRuns,
+    /// The `rseq_update` program (where the kernel has the tracepoint): one
+    /// run per return to user mode after a switch, of threads using
+    /// restartable sequences.
+    rseq: BpfRuns,
 }
 
 pub fn bench(hearth: &Path, dir: &Path) -> Result<()> {
@@ -237,6 +241,7 @@ fn measure_round(
             agent_cpu_seconds: a.cpu_seconds - b.cpu_seconds,
             switch: a.switch.since(b.switch),
             sys_exit: a.sys_exit.since(b.sys_exit),
+            rseq: a.rseq.since(b.rseq),
         }),
         _ => None,
     };
@@ -323,6 +328,7 @@ struct Agent {
 struct OffCpuPrograms {
     switch: u64,
     sys_exit: u64,
+    rseq: Option<u64>,
 }
 
 impl Agent {
@@ -371,7 +377,11 @@ impl Agent {
             if let (Some(&switch), Some(&sys_exit)) =
                 (links.get("sched_switch"), links.get("sys_exit"))
             {
-                self.programs = Some(OffCpuPrograms { switch, sys_exit });
+                self.programs = Some(OffCpuPrograms {
+                    switch,
+                    sys_exit,
+                    rseq: links.get("rseq_update").copied(),
+                });
                 return Ok(());
             }
             if started.elapsed() > ATTACH_TIMEOUT {
@@ -400,6 +410,7 @@ impl Agent {
             cpu_seconds: cpu_seconds(self.pid())?,
             switch: runs(programs.switch)?,
             sys_exit: runs(programs.sys_exit)?,
+            rseq: programs.rseq.map(runs).transpose()?.unwrap_or_default(),
         })
     }
 
@@ -456,6 +467,7 @@ struct AgentCounters {
     cpu_seconds: f64,
     switch: BpfRuns,
     sys_exit: BpfRuns,
+    rseq: BpfRuns,
 }
 
 /// Cumulative host and agent counters at one moment.
@@ -542,12 +554,18 @@ struct Summary {
     /// Totals over all rounds.
     switch: BpfRuns,
     sys_exit: BpfRuns,
+    rseq: BpfRuns,
     seconds: f64,
     round_trips: u64,
     agent_cpu_percent: Option<f64>,
 }
 
 impl Summary {
+    /// Nanoseconds of every off-CPU program over all rounds.
+    fn bpf_ns(&self) -> u64 {
+        self.switch.ns + self.sys_exit.ns + self.rseq.ns
+    }
+
     /// Median, lowest and highest slowdown, or `None` for the baseline.
     fn slowdown_range(&self) -> Option<(f64, f64, f64)> {
         if self.slowdowns_percent.is_empty() {
@@ -588,6 +606,7 @@ fn summarize(results: &[Vec<RoundResult>], index: usize) -> Summary {
         sys_exit: costs
             .iter()
             .fold(BpfRuns::default(), |t, c| t.add(c.sys_exit)),
+        rseq: costs.iter().fold(BpfRuns::default(), |t, c| t.add(c.rseq)),
         seconds: rounds.iter().map(|r| r.seconds).sum(),
         round_trips: rounds.iter().map(|r| r.round_trips).sum(),
         agent_cpu_percent: (!agent_cpu.is_empty()).then(|| median(agent_cpu.into_iter())),
@@ -621,7 +640,8 @@ fn report(results: &[Vec<RoundResult>]) -> String {
          the same round); in parentheses the lowest and highest round.\n\
          - Context switches: host-wide, from `ctxt` in /proc/stat.\n\
          - BPF ns per run: run_time_ns ÷ run_cnt of the `sched_switch` program (one run per \
-         switch) and of the `sys_exit` program (one run per system call), totals over all \
+         switch), of the `sys_exit` program (one run per system call) and of the \
+         `rseq_update` program (one run per return to user mode after a switch), totals over all \
          rounds, with kernel.bpf_stats_enabled, which itself adds two clock reads per run \
          (hence the row without it). \"Per switch\" charges both programs to the switches, \
          \"per round trip\" to the ping-pong round trips (nearly all switches and system \
@@ -636,9 +656,9 @@ fn report(results: &[Vec<RoundResult>]) -> String {
     );
     let _ = writeln!(
         out,
-        "| profiler | ping-pong round trips/s | slowdown vs off (range) | context switches/s | BPF ns / sched_switch run | BPF ns / sys_exit run | BPF ns per switch (both) | BPF µs per round trip (slowdown it alone implies) | BPF CPU (% of a core) | agent CPU (% of a core) |"
+        "| profiler | ping-pong round trips/s | slowdown vs off (range) | context switches/s | BPF ns / sched_switch run | BPF ns / sys_exit run | BPF ns / rseq_update run | BPF ns per switch (all) | BPF µs per round trip (slowdown it alone implies) | BPF CPU (% of a core) | agent CPU (% of a core) |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|");
     let summaries: Vec<Summary> = (0..CONFIGS.len()).map(|i| summarize(results, i)).collect();
     let unprofiled_round_trip_ns = 1e9 / summaries[BASELINE].round_trips_per_second;
     for (config, s) in CONFIGS.iter().zip(&summaries) {
@@ -653,7 +673,7 @@ fn report(results: &[Vec<RoundResult>]) -> String {
         let timed = config.bpf_stats && s.switch.runs > 0;
         let _ = writeln!(
             out,
-            "| {} | {:.0} | {} | {:.0} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {:.0} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} |",
             config.label,
             s.round_trips_per_second,
             s.slowdown_range()
@@ -663,18 +683,16 @@ fn report(results: &[Vec<RoundResult>]) -> String {
             s.switches_per_second,
             if timed { per_run(s.switch) } else { dash() },
             if timed { per_run(s.sys_exit) } else { dash() },
+            if timed { per_run(s.rseq) } else { dash() },
             if timed {
-                format!(
-                    "{:.0}",
-                    (s.switch.ns + s.sys_exit.ns) as f64 / s.switch.runs as f64
-                )
+                format!("{:.0}", s.bpf_ns() as f64 / s.switch.runs as f64)
             } else {
                 dash()
             },
             if timed && s.round_trips > 0 {
                 // Every BPF run on the host, charged to the round trips:
                 // here nearly all switches and system calls are ping_pong's.
-                let ns = (s.switch.ns + s.sys_exit.ns) as f64 / s.round_trips as f64;
+                let ns = s.bpf_ns() as f64 / s.round_trips as f64;
                 format!(
                     "{:.2} ({:.1}%)",
                     ns / 1e3,
@@ -686,7 +704,7 @@ fn report(results: &[Vec<RoundResult>]) -> String {
             if timed {
                 format!(
                     "{:.2}%",
-                    100.0 * (s.switch.ns + s.sys_exit.ns) as f64 / 1e9 / s.seconds
+                    100.0 * s.bpf_ns() as f64 / 1e9 / s.seconds
                 )
             } else {
                 dash()
@@ -758,7 +776,7 @@ fn verdict(target: &Summary, timed: &Summary, unprofiled_round_trip_ns: f64) -> 
         }
     );
     if timed.round_trips > 0 && timed.switch.runs > 0 {
-        let bpf_ns = (timed.switch.ns + timed.sys_exit.ns) as f64 / timed.round_trips as f64;
+        let bpf_ns = timed.bpf_ns() as f64 / timed.round_trips as f64;
         let _ = write!(
             text,
             " The BPF programs alone, timed by the kernel, add {:.2} µs to each round trip at \
