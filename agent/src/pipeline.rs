@@ -205,15 +205,41 @@ fn scale_up(blocked_ns: u64, followed_per_million: u32) -> u64 {
 }
 
 /// This host's name, for profile titles and resource attributes.
+///
+/// In a Kubernetes pod without the host's network, the kernel's hostname
+/// is the pod's name; the DaemonSet passes the node's name in `NODE_NAME`
+/// (from `spec.nodeName`), which is then the host's name.
 pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into())
+    choose_hostname(
+        std::env::var("NODE_NAME").ok(),
+        std::fs::read_to_string("/proc/sys/kernel/hostname").ok(),
+    )
+}
+
+fn choose_hostname(node_name: Option<String>, kernel_hostname: Option<String>) -> String {
+    [node_name, kernel_hostname]
+        .into_iter()
+        .flatten()
+        .map(|name| name.trim().to_string())
+        .find(|name| !name.is_empty())
+        .unwrap_or_else(|| "unknown".into())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_node_name_wins_over_the_pods_hostname() {
+        let some = |s: &str| Some(s.to_string());
+        assert_eq!(
+            choose_hostname(some("node-7"), some("hearth-x2k\n")),
+            "node-7"
+        );
+        assert_eq!(choose_hostname(None, some("web1\n")), "web1");
+        assert_eq!(choose_hostname(some(" "), some("web1\n")), "web1");
+        assert_eq!(choose_hostname(None, None), "unknown");
+    }
 
     #[test]
     fn sampled_waits_scale_up_by_the_inverse_probability() {

@@ -702,10 +702,7 @@ fn report(results: &[Vec<RoundResult>]) -> String {
                 dash()
             },
             if timed {
-                format!(
-                    "{:.2}%",
-                    100.0 * s.bpf_ns() as f64 / 1e9 / s.seconds
-                )
+                format!("{:.2}%", 100.0 * s.bpf_ns() as f64 / 1e9 / s.seconds)
             } else {
                 dash()
             },
