@@ -140,35 +140,9 @@ fn deploy_least_privilege_records_as_non_root() {
         "{status}"
     );
 
-    let exe = build_c_fixture("cpu_split", FRAME_POINTER_FLAGS, &dir);
-    let fixture = Fixture::spawn(&exe, &["30"]);
-    let replaced = spawn_deleted_fixture(&exe, &dir);
-    std::thread::sleep(Duration::from_millis(200));
-    let pprof = dir.join("out.pb.gz");
-    let (pid, replaced_pid) = (fixture.pid().to_string(), replaced.pid().to_string());
-    let out = as_nobody(
-        &set,
-        &dir,
-        &bin,
-        &[
-            "record",
-            "-d",
-            "3s",
-            "-F",
-            "99",
-            "--pid",
-            &pid,
-            "--pid",
-            &replaced_pid,
-            "-o",
-            pprof.to_str().unwrap(),
-        ],
-    );
-    assert_exit(&out, 0);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (fixture, replaced, stderr, profile) = record_fixtures_as_nobody(&set, &dir, &bin, "3s");
     assert!(!stderr.contains("without CAP_"), "{stderr}");
 
-    let profile = read_pprof(&pprof);
     for (what, pid) in [
         ("fixture", fixture.pid()),
         ("deleted binary", replaced.pid()),
@@ -232,43 +206,53 @@ fn deploy_least_privilege_optional_capability_warns() {
         .into_iter()
         .filter(|&c| c != Capability::CheckpointRestore)
         .collect();
-    let exe = build_c_fixture("cpu_split", FRAME_POINTER_FLAGS, &dir);
-    let fixture = Fixture::spawn(&exe, &["30"]);
-    let replaced = spawn_deleted_fixture(&exe, &dir);
-    std::thread::sleep(Duration::from_millis(200));
-    let pprof = dir.join("out.pb.gz");
-    let (pid, replaced_pid) = (fixture.pid().to_string(), replaced.pid().to_string());
-    let out = as_nobody(
-        &set,
-        &dir,
-        &bin,
-        &[
-            "record",
-            "-d",
-            "2s",
-            "-F",
-            "99",
-            "--pid",
-            &pid,
-            "--pid",
-            &replaced_pid,
-            "-o",
-            pprof.to_str().unwrap(),
-        ],
-    );
-    assert_exit(&out, 0);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (fixture, replaced, stderr, profile) = record_fixtures_as_nobody(&set, &dir, &bin, "2s");
     assert!(
         stderr.contains("without CAP_CHECKPOINT_RESTORE")
             && stderr.contains("replaced since their process started"),
         "{stderr}"
     );
-    let profile = read_pprof(&pprof);
     let (intact, _) = complete_chains(&profile, fixture.pid());
     let (deleted, total) = complete_chains(&profile, replaced.pid());
     assert!(intact >= 0.9, "intact binary: {:.0}%", intact * 100.0);
     assert!(total > 30, "{total} samples of the deleted binary");
     assert_eq!(deleted, 0.0, "the deleted binary cannot be symbolized");
+}
+
+/// Runs the cpu_split fixture twice (once from a binary deleted after it
+/// started) and records both for `seconds` at 99 Hz as `nobody` with
+/// `set`; hearth must succeed. Returns the fixtures (alive until dropped),
+/// hearth's stderr and the profile.
+fn record_fixtures_as_nobody(
+    set: &[Capability],
+    dir: &Path,
+    bin: &Path,
+    seconds: &str,
+) -> (Fixture, Fixture, String, hearth::profile::Profile) {
+    let exe = build_c_fixture("cpu_split", FRAME_POINTER_FLAGS, dir);
+    let fixture = Fixture::spawn(&exe, &["30"]);
+    let replaced = spawn_deleted_fixture(&exe, dir);
+    std::thread::sleep(Duration::from_millis(200));
+    let pprof = dir.join("out.pb.gz");
+    let (pid, replaced_pid) = (fixture.pid().to_string(), replaced.pid().to_string());
+    let args = [
+        "record",
+        "-d",
+        seconds,
+        "-F",
+        "99",
+        "--pid",
+        &pid,
+        "--pid",
+        &replaced_pid,
+        "-o",
+        pprof.to_str().unwrap(),
+    ];
+    let out = as_nobody(set, dir, bin, &args);
+    assert_exit(&out, 0);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let profile = read_pprof(&pprof);
+    (fixture, replaced, stderr, profile)
 }
 
 /// `NAME = value` keys of a TOML text, top level only.
