@@ -4,12 +4,13 @@
 //! Sizes here are defaults; userspace sets the real ones at load time.
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_F_MMAPABLE, BPF_NOEXIST},
     macros::map,
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, StackTrace},
 };
 use hearth_ebpf::{
-    BlockedThread, SampleCount, SampleKey, Stack, Stat, CONTROL_ACTIVE_WINDOW, CONTROL_ENTRIES,
+    BlockedThread, SampleCount, SampleKey, Stack, Stat, UnwindFile, UnwindMapping, UnwindProc,
+    UnwindRow, CONTROL_ACTIVE_WINDOW, CONTROL_ENTRIES, UNWIND_MAPPING_ENTRIES,
 };
 
 /// `CONTROL[CONTROL_ACTIVE_WINDOW]`: the window (0 or 1) programs write to.
@@ -63,6 +64,33 @@ pub static STACKS_1: HashMap<u64, Stack> = HashMap::with_max_entries(8192, 0);
 pub static KERNEL_STACKS_0: StackTrace = StackTrace::with_max_entries(4096, 0);
 #[map]
 pub static KERNEL_STACKS_1: StackTrace = StackTrace::with_max_entries(4096, 0);
+
+/// Unwind tables of every loaded file, one after another (see
+/// `hearth_ebpf::UnwindRow`). Userspace writes them through a memory
+/// mapping of the array (no syscall per row) and sizes it: the table
+/// memory cap.
+#[map]
+pub static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+/// Where each loaded file's rows are in `UNWIND_ROWS`.
+#[map]
+pub static UNWIND_FILES: Array<UnwindFile> = Array::with_max_entries(4096, 0);
+/// Executable mappings of the processes whose tables are loaded.
+#[map]
+pub static UNWIND_MAPPINGS: Array<UnwindMapping> =
+    Array::with_max_entries(UNWIND_MAPPING_ENTRIES, BPF_F_MMAPABLE);
+/// Where each loaded process's mappings are in `UNWIND_MAPPINGS`, by tgid.
+#[map]
+pub static UNWIND_PROCS: HashMap<u32, UnwindProc> = HashMap::with_max_entries(8192, 0);
+
+/// Non-zero: unwind tables may be loaded (`--unwind auto|dwarf`); zero
+/// lets the verifier drop the table walker.
+#[unsafe(no_mangle)]
+pub static UNWIND_TABLES: u8 = 0;
+
+#[inline(always)]
+pub fn unwind_tables() -> bool {
+    unsafe { core::ptr::read_volatile(&UNWIND_TABLES) != 0 }
+}
 
 /// Non-zero: sample only the processes in `PID_FILTER`. Set by userspace at
 /// load time (read-only data, so the verifier prunes the check when zero).

@@ -33,6 +33,23 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+/// One counter per [`Stat`] (more than `Default` derives for arrays).
+#[derive(Debug)]
+pub struct BpfEventCounters(pub [AtomicU64; Stat::COUNT as usize]);
+
+impl Default for BpfEventCounters {
+    fn default() -> Self {
+        Self(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+}
+
+impl std::ops::Deref for BpfEventCounters {
+    type Target = [AtomicU64; Stat::COUNT as usize];
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
 /// Every counter and gauge the agent exports. Counters only grow; gauges
 /// are set to the current value.
 #[derive(Debug, Default)]
@@ -40,7 +57,7 @@ pub struct Metrics {
     /// Kernel-side outcomes per sampling event, indexed by [`Stat`]
     /// (`hearth_bpf_events_total{event}`): recorded, idle, filtered and
     /// every drop reason.
-    pub bpf_events: [AtomicU64; Stat::COUNT as usize],
+    pub bpf_events: BpfEventCounters,
     /// Windows drained from the kernel maps.
     pub windows_collected: AtomicU64,
     /// Samples (sum of counts) in drained windows.

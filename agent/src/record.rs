@@ -55,6 +55,12 @@ impl RecordError {
     }
 }
 
+/// Longest a record waits, before sampling, for the unwind tables of the
+/// processes alive at its start: a short record would otherwise spend its
+/// first moments with frame-pointer stacks only. Tables still loading after
+/// that keep loading in the background.
+const UNWIND_WAIT: Duration = Duration::from_secs(3);
+
 /// What a finished record produced.
 #[derive(Debug)]
 pub struct RecordSummary {
@@ -127,6 +133,9 @@ pub async fn record(args: &RecordArgs) -> Result<RecordSummary, RecordError> {
             sample_probability: args.off_cpu.off_cpu_sample,
         }),
         pids: args.pids.clone(),
+        unwind: args.unwind,
+        unwind_memory: args.unwind_memory,
+        unwind_wait: UNWIND_WAIT,
         ..SamplerOptions::default()
     })?;
     let started = Instant::now();

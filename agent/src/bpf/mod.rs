@@ -48,6 +48,8 @@ pub enum BpfError {
     Cpus(std::io::Error),
     #[error("the eBPF object has no {0}")]
     Missing(&'static str),
+    #[error("unwind tables: {0}")]
+    Unwind(#[from] crate::unwind::UnwindError),
 }
 
 /// Where windows of raw samples come from: the real kernel maps, or a fake
