@@ -36,6 +36,7 @@ pub struct Load {
     pub offset: u64,
     pub vaddr: u64,
     pub size: u64,
+    pub executable: bool,
 }
 
 /// Key and segments of one ELF image.
@@ -51,10 +52,15 @@ impl ElfFacts {
             .segments()
             .map(|s| {
                 let (offset, size) = s.file_range();
+                let executable = match s.flags() {
+                    object::SegmentFlags::Elf { p_flags } => p_flags & object::elf::PF_X != 0,
+                    _ => false,
+                };
                 Load {
                     offset,
                     vaddr: s.address(),
                     size,
+                    executable,
                 }
             })
             .collect();
@@ -79,14 +85,22 @@ impl ElfFacts {
         ElfFacts { key, loads }
     }
 
-    /// Load bias (runtime address − file address) of a mapping of this file
-    /// that starts at `start` with file offset `offset`.
+    /// Load bias (runtime address − file address) of an executable
+    /// mapping of this file that starts at `start` with file offset
+    /// `offset`.
     pub fn load_bias(&self, start: u64, offset: u64) -> Option<u64> {
         const PAGE: u64 = 4096;
-        let load = self.loads.iter().find(|l| {
-            let first = l.offset & !(PAGE - 1);
-            first <= offset && offset < l.offset + l.size.max(1)
-        })?;
+        // The mapping's first page can hold the end of the segment before
+        // (offsets need not be page aligned): the executable segment whose
+        // pages it covers is the one.
+        let load = self
+            .loads
+            .iter()
+            .filter(|l| {
+                let first = l.offset & !(PAGE - 1);
+                first <= offset && offset < l.offset + l.size.max(1)
+            })
+            .max_by_key(|l| (l.executable, l.offset))?;
         // start maps `offset`; the segment maps l.offset at l.vaddr + bias.
         Some(
             start
@@ -111,11 +125,13 @@ mod tests {
                     offset: 0,
                     vaddr: 0,
                     size: 0x600,
+                    executable: false,
                 },
                 Load {
                     offset: 0x1000,
                     vaddr: 0x1000,
                     size: 0x400,
+                    executable: true,
                 },
             ],
         };
@@ -131,17 +147,29 @@ mod tests {
                 offset: 0x1000,
                 vaddr: 0x401000,
                 size: 0x2000,
+                executable: true,
             }],
         };
         assert_eq!(fixed.load_bias(0x401000, 0x1000), Some(0));
-        // Segments whose offset is not page aligned.
+        // Segments whose offset is not page aligned (lld, Rust): the
+        // executable mapping's first page also holds the end of the
+        // read-only segment before it.
         let odd = ElfFacts {
             key: FileKey::Content(3),
-            loads: vec![Load {
-                offset: 0x1e50,
-                vaddr: 0x2e50,
-                size: 0x300,
-            }],
+            loads: vec![
+                Load {
+                    offset: 0,
+                    vaddr: 0,
+                    size: 0x1a00,
+                    executable: false,
+                },
+                Load {
+                    offset: 0x1e50,
+                    vaddr: 0x2e50,
+                    size: 0x300,
+                    executable: true,
+                },
+            ],
         };
         assert_eq!(
             odd.load_bias(0x7000_0000_1000, 0x1000),
