@@ -166,6 +166,15 @@ impl Sampler {
                     .map_err(program_error_of(name))?;
             }
         }
+        for (name, program) in ebpf.programs() {
+            if let Some(count) = program
+                .info()
+                .ok()
+                .and_then(|i| i.verified_instruction_count())
+            {
+                tracing::debug!(program = name, verified_instructions = count, "loaded");
+            }
+        }
         let unwinder = match opts.unwind {
             UnwindMode::Fp => None,
             mode => {
@@ -193,6 +202,17 @@ impl Sampler {
         };
         sampler.resume(opts.frequency_hz)?;
         Ok(sampler)
+    }
+
+    /// Instructions the verifier processed, per loaded program.
+    pub fn verified_instructions(&self) -> Vec<(String, u32)> {
+        self.ebpf
+            .programs()
+            .filter_map(|(name, p)| {
+                let count = p.info().ok()?.verified_instruction_count()?;
+                Some((name.to_string(), count))
+            })
+            .collect()
     }
 
     /// The unwinder's counters (`None` with `--unwind fp`).

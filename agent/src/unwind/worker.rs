@@ -471,7 +471,7 @@ mod tests {
         assert!(mappings.windows(2).all(|p| p[0].end <= p[1].start));
         // The address of a libc function is in a table mapping, and the
         // table has a rule for it.
-        let libc_fn = libc::getpid as usize as u64;
+        let libc_fn = libc::getpid as *const () as u64;
         let m = mappings
             .iter()
             .find(|m| m.start <= libc_fn && libc_fn < m.end)
