@@ -132,26 +132,35 @@ fn unwind_frame(walk: &mut Walk) -> Next {
     } else {
         walk.pc.wrapping_sub(1)
     };
-    let Some(mapping) = find_mapping(&walk.process, lookup) else {
-        count(Stat::UnwindNoMapping);
-        return frame_pointer_step(walk);
+    // One call site per kind of step keeps the code (and what the
+    // verifier walks through) small.
+    let row = match find_mapping(&walk.process, lookup) {
+        None => {
+            count(Stat::UnwindNoMapping);
+            None
+        }
+        Some(mapping) => match mapping.kind {
+            UNWIND_MAPPING_TABLE => {
+                let row = find_row(&mapping, lookup);
+                if row.is_none() {
+                    count(Stat::UnwindNoRow);
+                }
+                row
+            }
+            UNWIND_MAPPING_ANONYMOUS => {
+                count(Stat::UnwindStopAnonymous);
+                return Next::Ended;
+            }
+            _ => {
+                count(Stat::UnwindFramePointerFrames);
+                None
+            }
+        },
     };
-    match mapping.kind {
-        UNWIND_MAPPING_TABLE => {}
-        UNWIND_MAPPING_ANONYMOUS => {
-            count(Stat::UnwindStopAnonymous);
-            return Next::Ended;
-        }
-        _ => {
-            count(Stat::UnwindFramePointerFrames);
-            return frame_pointer_step(walk);
-        }
+    match row {
+        Some(row) => table_step(walk, &row),
+        None => frame_pointer_step(walk),
     }
-    let Some(row) = find_row(&mapping, lookup) else {
-        count(Stat::UnwindNoRow);
-        return frame_pointer_step(walk);
-    };
-    table_step(walk, &row)
 }
 
 /// A binary search's state, kept in memory between `bpf_loop` steps. Each
