@@ -34,6 +34,18 @@ pub mod names {
     pub const KERNEL_STACKS: [&str; 2] = ["KERNEL_STACKS_0", "KERNEL_STACKS_1"];
     /// Global (read-only data): non-zero when only pids in `PID_FILTER` are sampled.
     pub const FILTER_BY_PID: &str = "FILTER_BY_PID";
+    /// Unwind tables: rows of every loaded file, [`crate::UnwindRow`].
+    pub const UNWIND_ROWS: &str = "UNWIND_ROWS";
+    /// Unwind tables: where each file's rows are, [`crate::UnwindFile`].
+    pub const UNWIND_FILES: &str = "UNWIND_FILES";
+    /// Unwind tables: executable mappings of every loaded process, one
+    /// process after another, [`crate::UnwindMapping`].
+    pub const UNWIND_MAPPINGS: &str = "UNWIND_MAPPINGS";
+    /// Unwind tables: where each process's mappings are, by tgid,
+    /// [`crate::UnwindProc`].
+    pub const UNWIND_PROCS: &str = "UNWIND_PROCS";
+    /// Global (read-only data): non-zero when unwind tables may be used.
+    pub const UNWIND_TABLES: &str = "UNWIND_TABLES";
 }
 
 /// Index into the `CONTROL` array map: which of the two windows the
@@ -181,10 +193,33 @@ pub enum Stat {
     /// A deferred wait reached a system call exit of another call (the
     /// programs were re-attached in between): dropped.
     OffCpuPendingStale,
+    /// User stacks walked with unwind tables (the process's mappings are
+    /// loaded); the others are walked through frame pointers only.
+    UnwindTableWalks,
+    /// A table walk ended cleanly: the outermost frame (return address
+    /// undefined), a zero return address or a null frame pointer.
+    UnwindEndOfStack,
+    /// A table walk stopped at anonymous executable memory (JIT code).
+    UnwindStopAnonymous,
+    /// A pc outside every mapping loaded for its process (mapped after the
+    /// process was scanned): the frame was walked through frame pointers.
+    UnwindNoMapping,
+    /// A pc that no row covers: the frame was walked through frame
+    /// pointers.
+    UnwindNoRow,
+    /// Frames of files without a table walked through frame pointers.
+    UnwindFramePointerFrames,
+    /// Signal frames unwound (through the `ucontext` on the stack).
+    UnwindSignalFrames,
+    /// A table walk could not read the stack where a rule pointed.
+    UnwindReadFault,
+    /// A table walk stopped at a rule it cannot evaluate, a CFA that does
+    /// not move up the stack, or a lost frame pointer.
+    UnwindBadFrame,
 }
 
 impl Stat {
-    pub const COUNT: u32 = Stat::OffCpuPendingStale as u32 + 1;
+    pub const COUNT: u32 = Stat::UnwindBadFrame as u32 + 1;
     pub const ALL: [Stat; Stat::COUNT as usize] = [
         Stat::Samples,
         Stat::Idle,
@@ -218,6 +253,15 @@ impl Stat {
         Stat::OffCpuUserLeafOnly,
         Stat::OffCpuEagerWalks,
         Stat::OffCpuPendingStale,
+        Stat::UnwindTableWalks,
+        Stat::UnwindEndOfStack,
+        Stat::UnwindStopAnonymous,
+        Stat::UnwindNoMapping,
+        Stat::UnwindNoRow,
+        Stat::UnwindFramePointerFrames,
+        Stat::UnwindSignalFrames,
+        Stat::UnwindReadFault,
+        Stat::UnwindBadFrame,
     ];
 
     /// Stable snake_case name, used in logs and metrics.
@@ -255,6 +299,15 @@ impl Stat {
             Stat::OffCpuUserLeafOnly => "off_cpu_user_leaf_only",
             Stat::OffCpuEagerWalks => "off_cpu_eager_walks",
             Stat::OffCpuPendingStale => "off_cpu_pending_stale",
+            Stat::UnwindTableWalks => "unwind_table_walks",
+            Stat::UnwindEndOfStack => "unwind_end_of_stack",
+            Stat::UnwindStopAnonymous => "unwind_stop_anonymous",
+            Stat::UnwindNoMapping => "unwind_no_mapping",
+            Stat::UnwindNoRow => "unwind_no_row",
+            Stat::UnwindFramePointerFrames => "unwind_frame_pointer_frames",
+            Stat::UnwindSignalFrames => "unwind_signal_frames",
+            Stat::UnwindReadFault => "unwind_read_fault",
+            Stat::UnwindBadFrame => "unwind_bad_frame",
         }
     }
 }
@@ -273,12 +326,143 @@ pub struct SampleCount {
     pub off_cpu_ns: u64,
 }
 
+// ---------------------------------------------------------------------------
+// Table-driven unwinding (.eh_frame / .debug_frame)
+//
+// Userspace turns each executable file's call frame information into a
+// sorted array of `UnwindRow`s: from a row's `pc` up to the next row's, the
+// rule it holds says how to find the caller's frame. Every loaded file's
+// rows sit in one shared array map (`UNWIND_ROWS`), at the place the file's
+// `UnwindFile` names; a process's executable mappings, sorted, each with
+// the file it maps and its load bias, sit likewise in `UNWIND_MAPPINGS`
+// where its `UnwindProc` says. The kernel walker binary-searches the
+// mapping, then the rows, per frame. Both searches go through array map
+// lookups rather than pointer arithmetic: the verifier needs no exact
+// index then, which keeps the number of states it explores small.
+//
+// Row format (8 bytes): `pc` (u32, file address minus the table's base, so
+// a table covers 4 GiB of code), `cfa_offset` (u16), `rule` (u8: low nibble
+// the CFA rule, high nibble the return-address rule) and `fp_offset` (i8,
+// where the caller's frame pointer was saved, in 8-byte units from the
+// CFA; 0: unchanged). A row whose rule is `UNWIND_CFA_NONE` ends the
+// previous range (a gap between functions).
+//
+// arm64 plan: the same row. The CFA register is sp or x29 (`UNWIND_CFA_SP`,
+// `UNWIND_CFA_FP`); the return address is either still in x30 (leaf
+// functions and prologues: `UNWIND_RA_LINK_REGISTER`) or saved in the frame
+// record at CFA-8 (`UNWIND_RA_AT_CFA`, as on x86-64), with x29 at CFA-16
+// (`fp_offset` -2). PLT and signal rules are per architecture.
+// ---------------------------------------------------------------------------
+
+/// Most executable mappings one process's [`UnwindProc`] holds; the rest
+/// fall back to frame pointers.
+pub const UNWIND_MAX_MAPPINGS: usize = 128;
+/// Entries of `UNWIND_MAPPINGS`: all loaded processes' mappings.
+pub const UNWIND_MAPPING_ENTRIES: u32 = 64 * 1024;
+/// Binary-search steps over a process's mappings (2^7 = 128).
+pub const UNWIND_MAPPING_SEARCH_STEPS: usize = 7;
+/// Most rows one file's table may have; the kernel's binary search over
+/// rows takes this many steps' log2.
+pub const UNWIND_MAX_FILE_ROWS: u32 = 1 << UNWIND_ROW_SEARCH_STEPS;
+pub const UNWIND_ROW_SEARCH_STEPS: usize = 22;
+
+/// [`UnwindRow::rule`] low nibble: no call frame information covers this
+/// address (a gap between functions); frame pointers are tried.
+pub const UNWIND_CFA_NONE: u8 = 0;
+/// CFA = stack pointer + 8 × `cfa_offset`.
+pub const UNWIND_CFA_SP: u8 = 1;
+/// CFA = frame pointer (rbp) + 8 × `cfa_offset`.
+pub const UNWIND_CFA_FP: u8 = 2;
+/// x86-64 PLT entries: CFA = rsp + 8, + 8 more when `(pc & 15) >=
+/// cfa_offset` (the expression every linker emits for `.plt`).
+pub const UNWIND_CFA_PLT: u8 = 3;
+/// A signal trampoline (`__restore_rt`): the interrupted registers are in
+/// the `ucontext` at the stack pointer.
+pub const UNWIND_CFA_SIGNAL: u8 = 4;
+/// The return address is undefined: the outermost frame (`_start`, a
+/// thread's start routine).
+pub const UNWIND_CFA_END: u8 = 5;
+/// A rule the kernel cannot evaluate (other DWARF expressions, register
+/// rules): the walk stops there, counted.
+pub const UNWIND_CFA_UNSUPPORTED: u8 = 6;
+/// Mask of the CFA rule in [`UnwindRow::rule`].
+pub const UNWIND_CFA_MASK: u8 = 0x0f;
+/// [`UnwindRow::rule`] high nibble: the return address is at CFA-8
+/// (always on x86-64).
+pub const UNWIND_RA_AT_CFA: u8 = 0x00;
+/// arm64 (not used on x86-64): the return address is still in the link
+/// register.
+pub const UNWIND_RA_LINK_REGISTER: u8 = 0x10;
+/// [`UnwindRow::fp_offset`]: the caller's frame pointer cannot be
+/// recovered (saved where a row cannot say); CFA rules based on it fail.
+pub const UNWIND_FP_LOST: i8 = i8::MIN;
+
+/// [`UnwindMapping::kind`]: the mapped file has a table.
+pub const UNWIND_MAPPING_TABLE: u32 = 1;
+/// A file without a table (`--unwind fp`, a file built with frame
+/// pointers under `auto`, no call frame information, or over the memory
+/// cap): frame pointers.
+pub const UNWIND_MAPPING_FP: u32 = 2;
+/// Anonymous executable memory (JIT code): the walk stops there.
+pub const UNWIND_MAPPING_ANONYMOUS: u32 = 3;
+
+/// One row of a file's unwind table.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct UnwindRow {
+    /// First address the row covers, relative to the table's base.
+    pub pc: u32,
+    /// In 8-byte units (`UNWIND_CFA_SP`/`FP`), or the PLT threshold.
+    pub cfa_offset: u16,
+    /// `UNWIND_CFA_*` | `UNWIND_RA_*`.
+    pub rule: u8,
+    /// The caller's frame pointer is at CFA + 8 × this (negative); 0: the
+    /// register keeps its value; [`UNWIND_FP_LOST`]: unknown.
+    pub fp_offset: i8,
+}
+
+/// Where one file's rows are in `UNWIND_ROWS`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UnwindFile {
+    pub rows_start: u32,
+    pub rows_len: u32,
+}
+
+/// One executable mapping of a process.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UnwindMapping {
+    /// Address range `[start, end)`.
+    pub start: u64,
+    pub end: u64,
+    /// Address − `bias` = the table-relative pc of [`UnwindRow::pc`].
+    pub bias: u64,
+    /// Index into `UNWIND_FILES` (`UNWIND_MAPPING_TABLE` only).
+    pub file: u32,
+    /// `UNWIND_MAPPING_*`.
+    pub kind: u32,
+}
+
+/// Where one process's executable mappings are in `UNWIND_MAPPINGS`:
+/// `len` entries from `start`, sorted by address.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UnwindProc {
+    pub start: u32,
+    pub len: u32,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain-old-data, repr(C), no implicit padding (checked below).
     unsafe impl aya::Pod for super::SampleKey {}
     unsafe impl aya::Pod for super::Stack {}
     unsafe impl aya::Pod for super::SampleCount {}
+    unsafe impl aya::Pod for super::UnwindRow {}
+    unsafe impl aya::Pod for super::UnwindFile {}
+    unsafe impl aya::Pod for super::UnwindMapping {}
+    unsafe impl aya::Pod for super::UnwindProc {}
 }
 
 // The layouts must have no implicit padding: a padding byte would carry
@@ -286,3 +470,8 @@ mod pod {
 const _: () = assert!(core::mem::size_of::<SampleKey>() == 4 + 4 + 8 + 8 + 4 + 4 + 16);
 const _: () = assert!(core::mem::size_of::<Stack>() == 4 + 4 + 8 * MAX_USER_FRAMES);
 const _: () = assert!(core::mem::size_of::<SampleCount>() == 8 + 8 + 8);
+const _: () = assert!(core::mem::size_of::<UnwindRow>() == 8);
+const _: () = assert!(core::mem::size_of::<UnwindFile>() == 8);
+const _: () = assert!(core::mem::size_of::<UnwindMapping>() == 8 * 3 + 4 * 2);
+const _: () = assert!(core::mem::size_of::<UnwindProc>() == 8);
+const _: () = assert!(1 << UNWIND_MAPPING_SEARCH_STEPS == UNWIND_MAX_MAPPINGS);

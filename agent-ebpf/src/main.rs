@@ -18,6 +18,8 @@ mod off_cpu;
 mod on_cpu;
 #[cfg(target_arch = "bpf")]
 mod stack;
+#[cfg(target_arch = "bpf")]
+mod unwind;
 
 /// GPL-compatible licence string: the frame walker needs GPL-only helpers
 /// (`bpf_probe_read_user`, `bpf_get_current_task_btf`).

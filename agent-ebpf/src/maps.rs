@@ -7,14 +7,17 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
     bindings::{
-        bpf_map_type::BPF_MAP_TYPE_TASK_STORAGE, task_struct, BPF_F_NO_PREALLOC,
+        bpf_map_type::BPF_MAP_TYPE_TASK_STORAGE, task_struct, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC,
         BPF_LOCAL_STORAGE_GET_F_CREATE, BPF_NOEXIST,
     },
     helpers::generated::bpf_task_storage_get,
     macros::map,
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, StackTrace},
 };
-use hearth_ebpf::{SampleCount, SampleKey, Stack, Stat, CONTROL_ACTIVE_WINDOW, CONTROL_ENTRIES};
+use hearth_ebpf::{
+    SampleCount, SampleKey, Stack, Stat, UnwindFile, UnwindMapping, UnwindProc, UnwindRow,
+    CONTROL_ACTIVE_WINDOW, CONTROL_ENTRIES, UNWIND_MAPPING_ENTRIES,
+};
 
 /// `CONTROL[CONTROL_ACTIVE_WINDOW]`: the window (0 or 1) programs write to.
 #[map]
@@ -56,6 +59,33 @@ pub static STACKS_1: HashMap<u64, Stack> = HashMap::with_max_entries(8192, 0);
 pub static KERNEL_STACKS_0: StackTrace = StackTrace::with_max_entries(4096, 0);
 #[map]
 pub static KERNEL_STACKS_1: StackTrace = StackTrace::with_max_entries(4096, 0);
+
+/// Unwind tables of every loaded file, one after another (see
+/// `hearth_ebpf::UnwindRow`). Userspace writes them through a memory
+/// mapping of the array (no syscall per row) and sizes it: the table
+/// memory cap.
+#[map]
+pub static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+/// Where each loaded file's rows are in `UNWIND_ROWS`.
+#[map]
+pub static UNWIND_FILES: Array<UnwindFile> = Array::with_max_entries(4096, 0);
+/// Executable mappings of the processes whose tables are loaded.
+#[map]
+pub static UNWIND_MAPPINGS: Array<UnwindMapping> =
+    Array::with_max_entries(UNWIND_MAPPING_ENTRIES, BPF_F_MMAPABLE);
+/// Where each loaded process's mappings are in `UNWIND_MAPPINGS`, by tgid.
+#[map]
+pub static UNWIND_PROCS: HashMap<u32, UnwindProc> = HashMap::with_max_entries(8192, 0);
+
+/// Non-zero: unwind tables may be loaded (`--unwind auto|dwarf`); zero
+/// lets the verifier drop the table walker.
+#[unsafe(no_mangle)]
+pub static UNWIND_TABLES: u8 = 0;
+
+#[inline(always)]
+pub fn unwind_tables() -> bool {
+    unsafe { core::ptr::read_volatile(&UNWIND_TABLES) != 0 }
+}
 
 /// Non-zero: sample only the processes in `PID_FILTER`. Set by userspace at
 /// load time (read-only data, so the verifier prunes the check when zero).

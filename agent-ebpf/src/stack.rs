@@ -7,11 +7,11 @@
 
 use aya_ebpf::{
     bindings::pt_regs,
-    helpers::{bpf_probe_read_user, generated::bpf_task_pt_regs},
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, generated::bpf_task_pt_regs},
 };
 use hearth_ebpf::{Stack, Stat, MAX_USER_FRAMES, STACK_TRUNCATED};
 
-use crate::maps::{count, SCRATCH_STACK};
+use crate::maps::{count, unwind_tables, SCRATCH_STACK, UNWIND_PROCS};
 
 /// The user registers a stack walk starts from.
 pub struct UserRegs {
@@ -74,7 +74,7 @@ pub unsafe fn task_user_regs(task: *mut aya_ebpf::bindings::task_struct) -> Opti
 /// bytes before it encode a call (`call rel32`, `call *disp32(%rip)`, or
 /// `call *%reg`), which a saved `rbp` or ordinary data almost never does.
 #[inline(always)]
-fn frameless_return_address(sp: u64) -> Option<u64> {
+pub(crate) fn frameless_return_address(sp: u64) -> Option<u64> {
     if sp == 0 || sp & 7 != 0 {
         return None;
     }
@@ -97,11 +97,14 @@ const SYSCALL_SCAN_CHUNK: usize = 8;
 /// library's frames, so the highest slot under `fp` that holds a return
 /// address (the bytes before it encode a call) is taken.
 #[inline(always)]
-fn syscall_caller(sp: u64, fp: u64) -> Option<u64> {
+pub(crate) fn syscall_caller(sp: u64, fp: u64) -> Option<u64> {
     if sp == 0 || sp & 7 != 0 || fp <= sp {
         return None;
     }
-    let mut found = None;
+    // 0 for none, not an Option: an unset Option's payload is undefined,
+    // and copying it is a read of an uninitialized register to the
+    // verifier.
+    let mut found = 0u64;
     for chunk in 0..SYSCALL_SCAN_CHUNKS {
         let base = sp + (chunk * SYSCALL_SCAN_CHUNK * 8) as u64;
         if base >= fp {
@@ -116,11 +119,11 @@ fn syscall_caller(sp: u64, fp: u64) -> Option<u64> {
                 break;
             }
             if let Some(ret) = follows_call(value, sp) {
-                found = Some(ret);
+                found = ret;
             }
         }
     }
-    found
+    (found != 0).then_some(found)
 }
 
 /// `candidate` if it can be a return address: in user space, far from the
@@ -139,13 +142,29 @@ fn follows_call(candidate: u64, sp: u64) -> Option<u64> {
     (call_rel32 || call_rip_indirect || call_register).then_some(candidate)
 }
 
-/// Walks frame pointers from `regs` (of the current task) into scratch slot
+/// Walks the user stack from `regs` (of the current task) into scratch slot
 /// `slot` and returns the stack's hash, which is never 0 (0 means no stack:
 /// only when the scratch slot is missing). `at_syscall`: the thread is
 /// stopped at a system call instruction, usually inside a C library
 /// wrapper (see [`syscall_caller`]).
+///
+/// Processes whose mappings userspace loaded are walked with unwind tables
+/// (`unwind.rs`); the others through frame pointers.
 #[inline(always)]
 pub fn walk_user_stack(regs: &UserRegs, slot: u32, at_syscall: bool) -> u64 {
+    if unwind_tables() {
+        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        // SAFETY: a plain-data value the map returned, copied at once.
+        if let Some(process) = unsafe { UNWIND_PROCS.get(&tgid) } {
+            return crate::unwind::walk_with_tables(regs, slot, *process);
+        }
+    }
+    walk_frame_pointers(regs, slot, at_syscall)
+}
+
+/// Walks frame pointers; see [`walk_user_stack`].
+#[inline(always)]
+fn walk_frame_pointers(regs: &UserRegs, slot: u32, at_syscall: bool) -> u64 {
     let Some(stack) = SCRATCH_STACK.get_ptr_mut(slot) else {
         count(Stat::MapLookupFailed);
         return 0;
@@ -235,7 +254,7 @@ pub fn hash_stack(stack: &Stack, len: usize, seed: u64) -> u64 {
 
 /// 0 means "no stack" in keys.
 #[inline(always)]
-fn nonzero(hash: u64) -> u64 {
+pub(crate) fn nonzero(hash: u64) -> u64 {
     if hash == 0 {
         1
     } else {

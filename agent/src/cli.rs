@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::unwind::UnwindMode;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "hearth",
@@ -64,6 +66,19 @@ pub struct RecordArgs {
     /// binary with debug info is on-CPU). Default: ELF symbol tables.
     #[arg(long)]
     pub debuginfo: bool,
+
+    /// How user stacks are unwound: `dwarf` uses unwind tables built from
+    /// each file's .eh_frame (complete stacks for code built without frame
+    /// pointers), `fp` frame pointers only, `auto` tables for the files
+    /// that lack frame pointers and frame pointers for the others.
+    #[arg(long, value_enum, default_value_t = UnwindMode::Auto, value_name = "MODE")]
+    pub unwind: UnwindMode,
+
+    /// Cap on the kernel memory unwind tables take; tables of files no
+    /// live process maps are evicted to stay under it.
+    #[arg(long, default_value = "16MiB", value_name = "SIZE",
+          value_parser = parse_unwind_memory)]
+    pub unwind_memory: u64,
 
     /// How often the kernel maps are drained and symbolized while
     /// recording (short-lived processes are symbolized while they live).
@@ -130,6 +145,12 @@ pub fn parse_off_cpu_min(text: &str) -> Result<Duration, String> {
         return Ok(Duration::ZERO);
     }
     parse_duration(text)
+}
+
+/// A table memory cap: a size up to the largest the loader accepts.
+pub fn parse_unwind_memory(text: &str) -> Result<u64, String> {
+    let size: crate::config::ByteSize = text.parse()?;
+    crate::unwind::check_table_memory(size.0)
 }
 
 /// A probability in (0, 1].

@@ -18,6 +18,8 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Args};
 use serde::{Deserialize, Serialize};
 
+use crate::unwind::UnwindMode;
+
 /// Default directory of the local store.
 pub const DEFAULT_STORE_DIR: &str = "/var/lib/hearth/profiles";
 /// Default directory where undelivered OTLP requests wait.
@@ -235,6 +237,19 @@ pub struct RunOptions {
     #[arg(long, env = "HEARTH_OFF_CPU_SAMPLE", value_name = "PROBABILITY")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub off_cpu_sample: Option<f64>,
+
+    /// How user stacks are unwound: `auto` (unwind tables for files built
+    /// without frame pointers), `dwarf` (tables wherever there is call
+    /// frame information) or `fp` (frame pointers only) [default: auto].
+    #[arg(long, env = "HEARTH_UNWIND", value_name = "MODE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unwind: Option<UnwindMode>,
+
+    /// Cap on the kernel memory unwind tables take; tables of files no
+    /// live process maps are evicted to stay under it [default: 16MiB].
+    #[arg(long, env = "HEARTH_UNWIND_MEMORY", value_name = "SIZE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unwind_memory: Option<ByteSize>,
 }
 
 /// A duration written like `10s`, `500ms`, `7d` (a bare number is seconds).
@@ -411,6 +426,9 @@ pub struct Config {
     pub debuginfo: bool,
     /// `None`: on-CPU sampling only.
     pub off_cpu: Option<OffCpuConfig>,
+    pub unwind: UnwindMode,
+    /// Cap on unwind table memory, bytes.
+    pub unwind_memory: u64,
 }
 
 impl Default for Config {
@@ -431,6 +449,8 @@ impl Default for Config {
             shutdown_timeout: Duration::from_secs(5),
             debuginfo: false,
             off_cpu: None,
+            unwind: UnwindMode::default(),
+            unwind_memory: crate::unwind::DEFAULT_TABLE_MEMORY,
         }
     }
 }
@@ -551,6 +571,12 @@ impl Config {
                 .map_or(defaults.shutdown_timeout, |d| d.0),
             debuginfo: opts.debuginfo.unwrap_or(defaults.debuginfo),
             off_cpu: off_cpu_config(opts)?,
+            unwind: opts.unwind.unwrap_or(defaults.unwind),
+            unwind_memory: match opts.unwind_memory {
+                None => defaults.unwind_memory,
+                Some(size) => crate::unwind::check_table_memory(size.0)
+                    .map_err(|message| ConfigError::invalid("unwind-memory", message))?,
+            },
         })
     }
 
@@ -596,6 +622,8 @@ impl Config {
             wall: Some(self.off_cpu.is_some_and(|o| o.wall)),
             off_cpu_min: self.off_cpu.map(|o| HumanDuration(o.min)),
             off_cpu_sample: self.off_cpu.map(|o| o.sample_probability),
+            unwind: Some(self.unwind),
+            unwind_memory: Some(ByteSize(self.unwind_memory)),
         };
         toml::to_string(&opts).unwrap_or_else(|e| format!("# cannot print the config: {e}\n"))
     }

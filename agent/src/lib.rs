@@ -19,3 +19,4 @@ pub mod profile;
 pub mod record;
 pub mod report;
 pub mod symbolize;
+pub mod unwind;

@@ -33,6 +33,23 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+/// One counter per [`Stat`] (more than `Default` derives for arrays).
+#[derive(Debug)]
+pub struct BpfEventCounters(pub [AtomicU64; Stat::COUNT as usize]);
+
+impl Default for BpfEventCounters {
+    fn default() -> Self {
+        Self(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+}
+
+impl std::ops::Deref for BpfEventCounters {
+    type Target = [AtomicU64; Stat::COUNT as usize];
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
 /// Every counter and gauge the agent exports. Counters only grow; gauges
 /// are set to the current value.
 #[derive(Debug, Default)]
@@ -40,7 +57,7 @@ pub struct Metrics {
     /// Kernel-side outcomes per sampling event, indexed by [`Stat`]
     /// (`hearth_bpf_events_total{event}`): recorded, idle, filtered and
     /// every drop reason.
-    pub bpf_events: [AtomicU64; Stat::COUNT as usize],
+    pub bpf_events: BpfEventCounters,
     /// Windows drained from the kernel maps.
     pub windows_collected: AtomicU64,
     /// Samples (sum of counts) in drained windows.
@@ -91,6 +108,15 @@ pub struct Metrics {
     /// Spool files that could not be read back (bad header, checksum or
     /// protobuf); each is logged and removed, and its request is lost.
     pub spool_corrupt: AtomicU64,
+
+    /// Unwind tables (cumulative counters and gauges, copied from the
+    /// unwinder at each window).
+    pub unwind_files_built: AtomicU64,
+    pub unwind_files_evicted: AtomicU64,
+    pub unwind_tables_over_memory: AtomicU64,
+    pub unwind_files_loaded: AtomicU64,
+    pub unwind_table_bytes: AtomicU64,
+    pub unwind_processes: AtomicU64,
 }
 
 impl Metrics {
@@ -383,6 +409,43 @@ pub fn render(metrics: &Metrics) -> String {
         Kind::Counter,
         "Windows the local store failed to write.",
         load(&metrics.store_write_errors),
+    );
+
+    out.single(
+        "hearth_unwind_files_built_total",
+        Kind::Counter,
+        "Unwind tables built from files' call frame information.",
+        load(&metrics.unwind_files_built),
+    );
+    out.single(
+        "hearth_unwind_files_evicted_total",
+        Kind::Counter,
+        "Unwind tables evicted (no live process mapped them) to make room.",
+        load(&metrics.unwind_files_evicted),
+    );
+    out.single(
+        "hearth_unwind_tables_over_memory_total",
+        Kind::Counter,
+        "Unwind tables not loaded for lack of room under --unwind-memory.",
+        load(&metrics.unwind_tables_over_memory),
+    );
+    out.single(
+        "hearth_unwind_files_loaded",
+        Kind::Gauge,
+        "Unwind tables loaded in the kernel now.",
+        load(&metrics.unwind_files_loaded),
+    );
+    out.single(
+        "hearth_unwind_table_bytes",
+        Kind::Gauge,
+        "Kernel memory the loaded unwind tables take.",
+        load(&metrics.unwind_table_bytes),
+    );
+    out.single(
+        "hearth_unwind_processes",
+        Kind::Gauge,
+        "Processes walked with unwind tables now.",
+        load(&metrics.unwind_processes),
     );
 
     out.single(

@@ -87,7 +87,7 @@ impl ProcessTable {
 
 /// Start time of `pid` in clock ticks since boot (field 22 of
 /// `/proc/<pid>/stat`), or `None` when the process is gone.
-fn start_time(pid: u32) -> Option<u64> {
+pub(crate) fn start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may contain spaces and parentheses: fields
     // are counted after its closing parenthesis.

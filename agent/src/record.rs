@@ -20,6 +20,7 @@ use crate::profile::{
     wall_clock, OffCpuSettings, Profile, ProfileBuilder, ProfileMeta, SampleKind,
 };
 use crate::symbolize::{BlazeSymbolizer, Symbolize, SymbolizerConfig};
+use crate::unwind::UnwindStats;
 
 /// Why a record failed. Each kind has its own exit code (see README).
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +56,12 @@ impl RecordError {
     }
 }
 
+/// Longest a record waits, before sampling, for the unwind tables of the
+/// processes alive at its start: a short record would otherwise spend its
+/// first moments with frame-pointer stacks only. Tables still loading after
+/// that keep loading in the background.
+const UNWIND_WAIT: Duration = Duration::from_secs(3);
+
 /// What a finished record produced.
 #[derive(Debug)]
 pub struct RecordSummary {
@@ -64,6 +71,8 @@ pub struct RecordSummary {
     pub samples: u64,
     pub stats: BpfStats,
     pub outputs: Vec<PathBuf>,
+    /// The unwinder's counters at the end (`None` with `--unwind fp`).
+    pub unwind: Option<UnwindStats>,
 }
 
 impl RecordSummary {
@@ -84,6 +93,17 @@ impl RecordSummary {
                 stats.lost(),
                 stats.get(Stat::Idle)
             );
+        }
+        if let Some(u) = &self.unwind {
+            line += &format!(
+                "; unwind tables: {} files ({} KiB) for {} processes",
+                u.files_loaded,
+                u.table_bytes.div_ceil(1024),
+                u.processes_loaded
+            );
+            if u.tables_over_memory > 0 {
+                line += &format!(", {} did not fit --unwind-memory", u.tables_over_memory);
+            }
         }
         if self.kind.is_time() {
             line += &format!(
@@ -127,6 +147,9 @@ pub async fn record(args: &RecordArgs) -> Result<RecordSummary, RecordError> {
             sample_probability: args.off_cpu.off_cpu_sample,
         }),
         pids: args.pids.clone(),
+        unwind: args.unwind,
+        unwind_memory: args.unwind_memory,
+        unwind_wait: UNWIND_WAIT,
         ..SamplerOptions::default()
     })?;
     let started = Instant::now();
@@ -181,6 +204,21 @@ pub async fn record(args: &RecordArgs) -> Result<RecordSummary, RecordError> {
     // Stop first so the final drain holds everything sampled.
     sampler.stop()?;
     drain_into(&mut sampler, &mut processor, &mut merged, &mut stats)?;
+    let unwind = sampler.unwind_stats();
+    if let Some(u) = &unwind {
+        info!(
+            files_loaded = u.files_loaded,
+            table_bytes = u.table_bytes,
+            files_built = u.files_built,
+            build_ms = u.build_ns / 1_000_000,
+            frame_pointer_files = u.frame_pointer_files,
+            files_without_table = u.files_without_table,
+            evicted = u.files_evicted,
+            over_memory = u.tables_over_memory,
+            processes = u.processes_loaded,
+            "unwind tables"
+        );
+    }
     drop(sampler);
     let elapsed = started.elapsed();
 
@@ -218,6 +256,7 @@ pub async fn record(args: &RecordArgs) -> Result<RecordSummary, RecordError> {
         samples: profile.total_count(),
         stats,
         outputs: args.outputs.clone(),
+        unwind,
     })
 }
 

@@ -60,6 +60,33 @@ pub const FRAME_POINTER_FLAGS: &[&str] = &[
     "-fno-optimize-sibling-calls",
 ];
 
+/// A build without frame pointers, as distributions and release builds
+/// ship, with the same fixed call chain as [`FRAME_POINTER_FLAGS`].
+pub const NO_FRAME_POINTER_FLAGS: &[&str] = &[
+    "-O2",
+    "-fomit-frame-pointer",
+    "-fno-inline",
+    "-fno-optimize-sibling-calls",
+];
+
+/// Compiles `tests/fixtures/<name>.rs` as a release build (`rustc -O`: no
+/// frame pointers, the default) into `dir`.
+pub fn build_rust_fixture(name: &str, dir: &Path) -> PathBuf {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(format!("{name}.rs"));
+    let out = dir.join(name);
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let status = Command::new(rustc)
+        .args(["-O", "--edition", "2021", "-o"])
+        .arg(&out)
+        .arg(&source)
+        .status()
+        .expect("running rustc");
+    assert!(status.success(), "rustc failed for {}", source.display());
+    out
+}
+
 /// A running fixture, killed when dropped.
 pub struct Fixture {
     pub child: Child,

@@ -70,9 +70,17 @@ pub struct RawStack {
 }
 
 /// Kernel-side counters, as deltas over one window (or totals).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BpfStats {
     pub counts: [u64; Stat::COUNT as usize],
+}
+
+impl Default for BpfStats {
+    fn default() -> Self {
+        Self {
+            counts: [0; Stat::COUNT as usize],
+        }
+    }
 }
 
 impl BpfStats {
@@ -132,6 +140,14 @@ impl SampleSource for Sampler {
         let stats = self.stats_delta()?;
         if self.off_cpu() {
             self.carry_stacks_over(&samples, &mut stacks);
+        }
+        if let Some(unwinder) = &self.unwinder {
+            // Processes first seen now get their tables for the windows
+            // to come.
+            let mut pids: Vec<u32> = samples.iter().map(|s| s.tgid).collect();
+            pids.sort_unstable();
+            pids.dedup();
+            unwinder.observe(pids);
         }
 
         let start = std::mem::replace(&mut self.window_start, end);

@@ -3,7 +3,7 @@
 //! off-CPU programs to the scheduler's context switches and system call
 //! exits. Dropping the [`Sampler`] detaches everything.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use aya::maps::{Array, HashMap as BpfHashMap};
 use aya::programs::perf_event::{
@@ -17,6 +17,7 @@ use hearth_ebpf::{
 };
 
 use super::{map_error, BpfError};
+use crate::unwind::{self, UnwindMode, UnwindStats, Unwinder};
 
 /// The kernel programs, built by `cargo xtask` and embedded at compile time.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("HEARTH_EBPF_OBJECT_PATH"));
@@ -66,6 +67,14 @@ pub struct SamplerOptions {
     pub max_stacks: u32,
     /// Distinct kernel stacks one window can hold.
     pub max_kernel_stacks: u32,
+    /// How user stacks are unwound.
+    pub unwind: UnwindMode,
+    /// Cap on the kernel memory of unwind tables.
+    pub unwind_memory: u64,
+    /// How long [`Sampler::start`] waits for the tables of the processes
+    /// alive then before it starts sampling (they keep loading in the
+    /// background after that).
+    pub unwind_wait: Duration,
 }
 
 impl Default for SamplerOptions {
@@ -77,6 +86,9 @@ impl Default for SamplerOptions {
             max_sample_keys: 16 * 1024,
             max_stacks: 8 * 1024,
             max_kernel_stacks: 4 * 1024,
+            unwind: UnwindMode::default(),
+            unwind_memory: unwind::DEFAULT_TABLE_MEMORY,
+            unwind_wait: Duration::ZERO,
         }
     }
 }
@@ -98,6 +110,8 @@ pub struct Sampler {
     off_cpu_programs: Vec<&'static str>,
     /// The off-CPU programs' links; empty once stopped.
     off_cpu_links: Vec<(&'static str, BtfTracePointLinkId)>,
+    /// Loads unwind tables in the background (`None` with `--unwind fp`).
+    pub(super) unwinder: Option<Unwinder>,
 }
 
 impl Sampler {
@@ -123,6 +137,14 @@ impl Sampler {
         let sample_below = off_cpu.sample_below();
         loader.override_global(names::OFF_CPU_MIN_NS, &off_cpu.min_ns, true);
         loader.override_global(names::OFF_CPU_SAMPLE_BELOW, &sample_below, true);
+        let tables = u8::from(opts.unwind != UnwindMode::Fp);
+        loader.override_global(names::UNWIND_TABLES, &tables, true);
+        if tables != 0 {
+            loader.map_max_entries(
+                names::UNWIND_ROWS,
+                unwind::rows_for_memory(opts.unwind_memory),
+            );
+        }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
 
         {
@@ -161,7 +183,30 @@ impl Sampler {
                 ),
             }
         }
+        for (name, program) in ebpf.programs() {
+            if let Some(count) = program
+                .info()
+                .ok()
+                .and_then(|i| i.verified_instruction_count())
+            {
+                tracing::debug!(program = name, verified_instructions = count, "loaded");
+            }
+        }
+        let unwinder = match opts.unwind {
+            UnwindMode::Fp => None,
+            mode => {
+                let unwinder = Unwinder::start(&mut ebpf, mode, opts.pids.clone())?;
+                if !opts.unwind_wait.is_zero() && !unwinder.wait_ready(opts.unwind_wait) {
+                    tracing::info!(
+                        waited = ?opts.unwind_wait,
+                        "unwind tables still loading; sampling starts (frame pointers until they are ready)"
+                    );
+                }
+                Some(unwinder)
+            }
+        };
         let mut sampler = Self {
+            unwinder,
             ebpf,
             frequency_hz: opts.frequency_hz,
             active_window: 0,
@@ -174,6 +219,22 @@ impl Sampler {
         };
         sampler.resume(opts.frequency_hz)?;
         Ok(sampler)
+    }
+
+    /// Instructions the verifier processed, per loaded program.
+    pub fn verified_instructions(&self) -> Vec<(String, u32)> {
+        self.ebpf
+            .programs()
+            .filter_map(|(name, p)| {
+                let count = p.info().ok()?.verified_instruction_count()?;
+                Some((name.to_string(), count))
+            })
+            .collect()
+    }
+
+    /// The unwinder's counters (`None` with `--unwind fp`).
+    pub fn unwind_stats(&self) -> Option<UnwindStats> {
+        self.unwinder.as_ref().map(Unwinder::stats)
     }
 
     /// The off-CPU programs are attached (or were, before [`stop`](Self::stop)).

@@ -47,6 +47,8 @@ pub enum BpfError {
     Cpus(std::io::Error),
     #[error("the eBPF object has no {0}")]
     Missing(&'static str),
+    #[error("unwind tables: {0}")]
+    Unwind(#[from] crate::unwind::UnwindError),
 }
 
 /// Where windows of raw samples come from: the real kernel maps, or a fake
@@ -194,6 +196,78 @@ mod tests {
             // SAFETY: gettid has no preconditions.
             unsafe { libc::gettid() as u32 }
         })
+    }
+
+    /// The programs load (the verifier accepts them) with the largest
+    /// unwind table memory accepted and the off-CPU programs too; the
+    /// table walker's per-frame steps are `bpf_loop` callbacks, so what
+    /// the verifier checks does not grow with table sizes. This test
+    /// process (a Rust build without frame pointers) is then walked with
+    /// tables, deeper than frame pointers get.
+    #[test]
+    fn programs_load_with_the_largest_unwind_tables() {
+        use crate::unwind::{UnwindMode, MAX_TABLE_MEMORY};
+        let start = |unwind| {
+            Sampler::start(&SamplerOptions {
+                frequency_hz: 997,
+                off_cpu: Some(OffCpuOptions::default()),
+                pids: vec![std::process::id()],
+                unwind,
+                unwind_memory: MAX_TABLE_MEMORY,
+                unwind_wait: Duration::from_secs(10),
+                ..SamplerOptions::default()
+            })
+            .expect("loading the eBPF programs (needs root and BPF)")
+        };
+        let mut depths = Vec::new();
+        for unwind in [UnwindMode::Dwarf, UnwindMode::Fp] {
+            let mut sampler = start(unwind);
+            let verified = sampler.verified_instructions();
+            eprintln!("{unwind}: verified instructions {verified:?}");
+            // The rseq_update program loads where the kernel has it.
+            let loaded: Vec<&str> = verified.iter().map(|(name, _)| name.as_str()).collect();
+            for required in [
+                hearth_ebpf::names::ON_CPU_PROGRAM,
+                hearth_ebpf::names::OFF_CPU_SWITCH_PROGRAM,
+                hearth_ebpf::names::OFF_CPU_SYSCALL_EXIT_PROGRAM,
+            ] {
+                assert!(loaded.contains(&required), "{verified:?}");
+            }
+            assert!(verified.iter().all(|&(_, n)| n > 0 && n < 1_000_000));
+            if unwind == UnwindMode::Dwarf {
+                let u = sampler.unwind_stats().unwrap();
+                assert_eq!(u.capacity_bytes, MAX_TABLE_MEMORY);
+                assert_eq!(u.processes_loaded, 1, "{u:?}");
+            } else {
+                assert!(sampler.unwind_stats().is_none());
+            }
+            burn(Duration::from_millis(300));
+            sampler.stop().unwrap();
+            let window = sampler.drain().unwrap();
+            let walks = window.stats.get(Stat::UnwindTableWalks);
+            match unwind {
+                UnwindMode::Fp => assert_eq!(walks, 0),
+                _ => assert!(walks > 0, "{:?}", window.stats),
+            }
+            let me = std::process::id();
+            let (frames, samples) = window
+                .samples
+                .iter()
+                .filter(|s| s.tgid == me && s.user_stack != 0)
+                .fold((0, 0), |(f, n), s| {
+                    (
+                        f + s.count as usize * window.stacks[&s.user_stack].ips.len(),
+                        n + s.count,
+                    )
+                });
+            assert!(samples > 50, "{samples} samples");
+            depths.push(frames as f64 / samples as f64);
+        }
+        eprintln!(
+            "mean user stack depth: dwarf {:.1}, fp {:.1}",
+            depths[0], depths[1]
+        );
+        assert!(depths[0] > depths[1] + 3.0, "{depths:?}");
     }
 
     fn off_cpu_sampler(min: Duration, sample_probability: f64) -> Sampler {

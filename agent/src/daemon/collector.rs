@@ -23,6 +23,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::WindowProcessor;
 use crate::profile::{wall_clock, OffCpuSettings, Profile};
 use crate::symbolize::{BlazeSymbolizer, Symbolize, SymbolizerConfig};
+use crate::unwind::UnwindMode;
 
 /// Commands from the daemon to the collector thread.
 #[derive(Debug)]
@@ -41,6 +42,8 @@ pub struct CollectorOptions {
     pub governor: GovernorConfig,
     pub debuginfo: bool,
     pub off_cpu: Option<OffCpuConfig>,
+    pub unwind: UnwindMode,
+    pub unwind_memory: u64,
 }
 
 /// Starts sampling on a new thread. Returns once the programs are attached
@@ -82,6 +85,8 @@ fn run(
             min_ns: OffCpuSettings::new(o.min, o.sample_probability).min_ns,
             sample_probability: o.sample_probability,
         }),
+        unwind: options.unwind,
+        unwind_memory: options.unwind_memory,
         ..SamplerOptions::default()
     });
     let mut sampler = match sampler {
@@ -206,6 +211,14 @@ impl Collector {
         }
         Metrics::add(&m.windows_collected, 1);
         Metrics::add(&m.samples_collected, profile.total_count());
+        if let Some(u) = sampler.unwind_stats() {
+            Metrics::set(&m.unwind_files_built, u.files_built);
+            Metrics::set(&m.unwind_files_evicted, u.files_evicted);
+            Metrics::set(&m.unwind_tables_over_memory, u.tables_over_memory);
+            Metrics::set(&m.unwind_files_loaded, u.files_loaded);
+            Metrics::set(&m.unwind_table_bytes, u.table_bytes);
+            Metrics::set(&m.unwind_processes, u.processes_loaded);
+        }
         let sym = self.processor.symbolizer().stats();
         Metrics::set(&m.symbol_cache_hits, sym.cache_hits);
         Metrics::set(&m.symbol_cache_misses, sym.cache_misses);

@@ -161,6 +161,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             },
             debuginfo: config.debuginfo,
             off_cpu: config.off_cpu,
+            unwind: config.unwind,
+            unwind_memory: config.unwind_memory,
         },
         metrics.clone(),
         window_tx,

@@ -64,7 +64,7 @@
 mod blaze;
 pub mod fake;
 mod kernel;
-mod maps;
+pub(crate) mod maps;
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};

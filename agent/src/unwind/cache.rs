@@ -1,0 +1,552 @@
+//! The table cache: one table per file (by [`FileKey`]), shared by every
+//! process that maps the file, placed in the kernel's row array under a
+//! memory cap.
+//!
+//! The row array is carved into extents, first fit. A file's table stays
+//! loaded while no one needs the room, even after the last process mapping
+//! it exits, so short-lived processes that run again and again (shell
+//! loops, cron jobs) reuse it. When a new table does not fit, tables no
+//! live process maps are evicted, least recently used first; if it still
+//! does not fit it is not loaded (counted) and its mappings fall back to
+//! frame pointers.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use hearth_ebpf::{UnwindFile, UnwindMapping, UnwindProc, UnwindRow};
+
+use super::elf::FileKey;
+use super::table::{TableError, UnwindTable};
+use super::{Counters, UnwindError, UnwindMode};
+
+/// Where the cache writes: the BPF maps, or a fake in tests.
+pub trait TableSink {
+    /// Writes `rows` at index `start` of the row array.
+    fn write_rows(&mut self, start: u32, rows: &[UnwindRow]) -> Result<(), UnwindError>;
+    /// Points file slot `slot` at its rows.
+    fn set_file(&mut self, slot: u32, file: UnwindFile) -> Result<(), UnwindError>;
+    /// Writes process mappings at index `start` of the mapping array.
+    fn write_mappings(&mut self, start: u32, mappings: &[UnwindMapping])
+        -> Result<(), UnwindError>;
+    /// Publishes a process's mappings.
+    fn set_process(&mut self, pid: u32, process: UnwindProc) -> Result<(), UnwindError>;
+    /// Withdraws a process's mappings (gone, or nothing to unwind).
+    fn remove_process(&mut self, pid: u32) -> Result<(), UnwindError>;
+}
+
+/// How a process's mappings of a file are walked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileUse {
+    /// With the table in file slot `slot`, whose rows are relative to file
+    /// address `base`.
+    Table { slot: u32, base: u64 },
+    /// Through frame pointers: the file has no table, was built with frame
+    /// pointers (`auto`), or its table did not fit.
+    FramePointers,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Loaded {
+        slot: u32,
+        start: u32,
+        len: u32,
+        base: u64,
+    },
+    /// Its code keeps frame pointers (`auto` mode): no rows loaded.
+    FramePointers,
+    /// No usable call frame information.
+    NoTable,
+    /// Its `rows` did not fit under the cap; tried again when they may.
+    DidNotFit { rows: u32 },
+}
+
+#[derive(Debug)]
+struct Entry {
+    state: State,
+    /// Published processes whose mappings refer to it.
+    users: u32,
+    last_used: u64,
+}
+
+/// Entries kept for files nobody maps before the bookkeeping of those
+/// without rows (a few bytes each) is dropped too.
+const MAX_IDLE_ENTRIES: usize = 16 * 1024;
+
+/// Free extents of an array map, first fit, coalescing.
+#[derive(Debug, Clone, Default)]
+pub struct Extents {
+    /// start → length.
+    free: BTreeMap<u32, u32>,
+}
+
+impl Extents {
+    pub fn new(capacity: u32) -> Self {
+        let mut free = BTreeMap::new();
+        if capacity > 0 {
+            free.insert(0, capacity);
+        }
+        Extents { free }
+    }
+
+    /// The start of `len` free entries, now taken.
+    pub fn allocate(&mut self, len: u32) -> Option<u32> {
+        let (&start, &free_len) = self.free.iter().find(|(_, &l)| l >= len)?;
+        self.free.remove(&start);
+        if free_len > len {
+            self.free.insert(start + len, free_len - len);
+        }
+        Some(start)
+    }
+
+    /// Gives back `len` entries from `start`.
+    pub fn free(&mut self, mut start: u32, mut len: u32) {
+        if len == 0 {
+            return;
+        }
+        if let Some((&prev, &prev_len)) = self.free.range(..start).next_back() {
+            if prev + prev_len == start {
+                self.free.remove(&prev);
+                start = prev;
+                len += prev_len;
+            }
+        }
+        if let Some(&next_len) = self.free.get(&(start + len)) {
+            self.free.remove(&(start + len));
+            len += next_len;
+        }
+        self.free.insert(start, len);
+    }
+
+    /// Free entries in all.
+    pub fn free_total(&self) -> u64 {
+        self.free.values().map(|&l| u64::from(l)).sum()
+    }
+
+    /// Number of separate free extents.
+    pub fn pieces(&self) -> usize {
+        self.free.len()
+    }
+}
+
+pub struct TableCache<S> {
+    sink: S,
+    mode: UnwindMode,
+    capacity: u32,
+    free: Extents,
+    free_slots: Vec<u32>,
+    entries: HashMap<FileKey, Entry>,
+    tick: u64,
+    counters: Arc<Counters>,
+}
+
+impl<S: TableSink> TableCache<S> {
+    /// A cache over a row array of `capacity` rows and `slots` file slots.
+    pub fn new(
+        sink: S,
+        mode: UnwindMode,
+        capacity: u32,
+        slots: u32,
+        counters: Arc<Counters>,
+    ) -> Self {
+        let free = Extents::new(capacity);
+        counters
+            .capacity_bytes
+            .store(u64::from(capacity) * ROW_BYTES, Ordering::Relaxed);
+        TableCache {
+            sink,
+            mode,
+            capacity,
+            free,
+            // Popped from the back: lowest slot first.
+            free_slots: (0..slots).rev().collect(),
+            entries: HashMap::new(),
+            tick: 0,
+            counters,
+        }
+    }
+
+    pub fn sink_mut(&mut self) -> &mut S {
+        &mut self.sink
+    }
+
+    /// How `key`'s mappings are walked, building and loading its table
+    /// with `build` if needed. Takes a reference for a process, which
+    /// [`release`](Self::release) gives back; a file with references is
+    /// never evicted.
+    pub fn acquire(
+        &mut self,
+        key: &FileKey,
+        build: impl FnOnce() -> Result<UnwindTable, TableError>,
+    ) -> Result<FileUse, UnwindError> {
+        self.tick += 1;
+        let tick = self.tick;
+        let retry = match self.entries.get(key).map(|e| e.state) {
+            None => true,
+            Some(State::DidNotFit { rows }) => self.could_fit(rows),
+            Some(_) => false,
+        };
+        if retry {
+            let state = self.build_and_load(key, build)?;
+            let entry = self.entries.entry(key.clone()).or_insert(Entry {
+                state,
+                users: 0,
+                last_used: tick,
+            });
+            entry.state = state;
+        }
+        let entry = self.entries.get_mut(key).expect("inserted above");
+        entry.users += 1;
+        entry.last_used = tick;
+        Ok(match entry.state {
+            State::Loaded { slot, base, .. } => FileUse::Table { slot, base },
+            _ => FileUse::FramePointers,
+        })
+    }
+
+    /// Gives back a reference taken by [`acquire`](Self::acquire).
+    pub fn release(&mut self, key: &FileKey) {
+        if let Some(entry) = self.entries.get_mut(key) {
+            entry.users = entry.users.saturating_sub(1);
+        }
+        if self.entries.len() > MAX_IDLE_ENTRIES {
+            self.entries
+                .retain(|_, e| e.users > 0 || matches!(e.state, State::Loaded { .. }));
+        }
+    }
+
+    fn build_and_load(
+        &mut self,
+        key: &FileKey,
+        build: impl FnOnce() -> Result<UnwindTable, TableError>,
+    ) -> Result<State, UnwindError> {
+        let started = Instant::now();
+        let built = build();
+        let c = self.counters.clone();
+        c.build_ns
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let table = match built {
+            Ok(table) => table,
+            Err(error) => {
+                tracing::debug!(file = %key, %error, "no unwind table");
+                c.files_without_table.fetch_add(1, Ordering::Relaxed);
+                return Ok(State::NoTable);
+            }
+        };
+        c.files_built.fetch_add(1, Ordering::Relaxed);
+        if self.mode == UnwindMode::Auto && table.has_frame_pointers() {
+            c.frame_pointer_files.fetch_add(1, Ordering::Relaxed);
+            return Ok(State::FramePointers);
+        }
+        let len = table.rows.len() as u32;
+        let Some((slot, start)) = self.allocate(len) else {
+            c.tables_over_memory.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(file = %key, rows = len, "unwind table memory full: frame pointers for this file");
+            return Ok(State::DidNotFit { rows: len });
+        };
+        let written = self.sink.write_rows(start, &table.rows).and_then(|()| {
+            self.sink.set_file(
+                slot,
+                UnwindFile {
+                    rows_start: start,
+                    rows_len: len,
+                },
+            )
+        });
+        if let Err(e) = written {
+            self.free.free(start, len);
+            self.free_slots.push(slot);
+            return Err(e);
+        }
+        c.files_loaded.fetch_add(1, Ordering::Relaxed);
+        c.table_bytes
+            .fetch_add(u64::from(len) * ROW_BYTES, Ordering::Relaxed);
+        Ok(State::Loaded {
+            slot,
+            start,
+            len,
+            base: table.base,
+        })
+    }
+
+    /// A file slot and `len` rows, evicting unused tables as needed.
+    fn allocate(&mut self, len: u32) -> Option<(u32, u32)> {
+        // Evicting is only worth it when it makes enough room.
+        if len > self.capacity || !self.could_fit(len) {
+            return None;
+        }
+        loop {
+            if !self.free_slots.is_empty() {
+                if let Some(start) = self.free.allocate(len) {
+                    let slot = self.free_slots.pop().expect("checked non-empty");
+                    return Some((slot, start));
+                }
+            }
+            if !self.evict_one() {
+                return None;
+            }
+        }
+    }
+
+    /// True when `rows` would fit if every unused table were evicted.
+    fn could_fit(&self, rows: u32) -> bool {
+        let free = self.free.free_total();
+        let evictable: u64 = self
+            .entries
+            .values()
+            .filter(|e| e.users == 0)
+            .map(|e| match e.state {
+                State::Loaded { len, .. } => u64::from(len),
+                _ => 0,
+            })
+            .sum();
+        free + evictable >= u64::from(rows)
+    }
+
+    /// Evicts the least recently used loaded table no process maps.
+    fn evict_one(&mut self) -> bool {
+        let victim = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.users == 0 && matches!(e.state, State::Loaded { .. }))
+            .min_by_key(|(_, e)| e.last_used)
+            .map(|(k, _)| k.clone());
+        let Some(key) = victim else {
+            return false;
+        };
+        let entry = self.entries.remove(&key).expect("found above");
+        if let State::Loaded {
+            slot, start, len, ..
+        } = entry.state
+        {
+            // No published process refers to the slot; clearing it only
+            // makes a stale reference harmless.
+            let _ = self.sink.set_file(slot, UnwindFile::default());
+            self.free.free(start, len);
+            self.free_slots.push(slot);
+            let c = &self.counters;
+            c.files_evicted.fetch_add(1, Ordering::Relaxed);
+            c.files_loaded.fetch_sub(1, Ordering::Relaxed);
+            c.table_bytes
+                .fetch_sub(u64::from(len) * ROW_BYTES, Ordering::Relaxed);
+            tracing::debug!(file = %key, rows = len, "unwind table evicted");
+        }
+        true
+    }
+
+    /// Rows in use and free (for tests and checks).
+    #[cfg(test)]
+    fn rows_accounted(&self) -> u64 {
+        let free = self.free.free_total();
+        let used: u64 = self
+            .entries
+            .values()
+            .map(|e| match e.state {
+                State::Loaded { len, .. } => u64::from(len),
+                _ => 0,
+            })
+            .sum();
+        free + used
+    }
+}
+
+const ROW_BYTES: u64 = std::mem::size_of::<UnwindRow>() as u64;
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+    use crate::unwind::table::TableSummary;
+
+    /// Records what the cache wrote.
+    #[derive(Default)]
+    pub struct FakeSink {
+        pub rows: HashMap<u32, UnwindRow>,
+        pub files: HashMap<u32, UnwindFile>,
+        pub mappings: HashMap<u32, UnwindMapping>,
+        pub processes: HashMap<u32, UnwindProc>,
+    }
+
+    impl FakeSink {
+        /// The mappings published for `pid`.
+        pub fn process_mappings(&self, pid: u32) -> Option<Vec<UnwindMapping>> {
+            let p = self.processes.get(&pid)?;
+            Some(
+                (p.start..p.start + p.len)
+                    .map(|i| self.mappings[&i])
+                    .collect(),
+            )
+        }
+    }
+
+    impl TableSink for FakeSink {
+        fn write_rows(&mut self, start: u32, rows: &[UnwindRow]) -> Result<(), UnwindError> {
+            for (i, row) in rows.iter().enumerate() {
+                self.rows.insert(start + i as u32, *row);
+            }
+            Ok(())
+        }
+        fn set_file(&mut self, slot: u32, file: UnwindFile) -> Result<(), UnwindError> {
+            self.files.insert(slot, file);
+            Ok(())
+        }
+        fn write_mappings(
+            &mut self,
+            start: u32,
+            mappings: &[UnwindMapping],
+        ) -> Result<(), UnwindError> {
+            for (i, m) in mappings.iter().enumerate() {
+                self.mappings.insert(start + i as u32, *m);
+            }
+            Ok(())
+        }
+        fn set_process(&mut self, pid: u32, process: UnwindProc) -> Result<(), UnwindError> {
+            self.processes.insert(pid, process);
+            Ok(())
+        }
+        fn remove_process(&mut self, pid: u32) -> Result<(), UnwindError> {
+            self.processes.remove(&pid);
+            Ok(())
+        }
+    }
+
+    fn table(rows: u32, tag: u8, frame_pointers: bool) -> UnwindTable {
+        UnwindTable {
+            base: 0x1000,
+            rows: (0..rows)
+                .map(|i| UnwindRow {
+                    pc: i * 4,
+                    cfa_offset: u16::from(tag),
+                    rule: 1,
+                    fp_offset: 0,
+                })
+                .collect(),
+            summary: TableSummary {
+                fdes: 10,
+                framed_fdes: 10,
+                frame_pointer_fdes: if frame_pointers { 10 } else { 0 },
+                ..TableSummary::default()
+            },
+        }
+    }
+
+    fn key(n: u64) -> FileKey {
+        FileKey::Content(n)
+    }
+
+    fn cache(mode: UnwindMode, capacity: u32) -> (TableCache<FakeSink>, Arc<Counters>) {
+        let counters = Arc::new(Counters::default());
+        (
+            TableCache::new(FakeSink::default(), mode, capacity, 8, counters.clone()),
+            counters,
+        )
+    }
+
+    #[test]
+    fn a_file_is_built_once_and_shared() {
+        let (mut cache, counters) = cache(UnwindMode::Dwarf, 100);
+        let first = cache.acquire(&key(1), || Ok(table(10, 1, false))).unwrap();
+        let second = cache.acquire(&key(1), || panic!("built twice")).unwrap();
+        assert_eq!(first, second);
+        let FileUse::Table { slot, base } = first else {
+            panic!("{first:?}")
+        };
+        assert_eq!(base, 0x1000);
+        let file = cache.sink.files[&slot];
+        assert_eq!(file.rows_len, 10);
+        assert_eq!(cache.sink.rows[&(file.rows_start + 3)].pc, 12);
+        assert_eq!(counters.files_built.load(Ordering::Relaxed), 1);
+        assert_eq!(counters.table_bytes.load(Ordering::Relaxed), 80);
+    }
+
+    #[test]
+    fn unused_tables_are_evicted_least_recently_used_first() {
+        let (mut cache, counters) = cache(UnwindMode::Dwarf, 30);
+        for n in 1..=3 {
+            cache
+                .acquire(&key(n), || Ok(table(10, n as u8, false)))
+                .unwrap();
+        }
+        // 1 and 3 are unused now, 1 the longer.
+        cache.release(&key(1));
+        cache.release(&key(3));
+        let fourth = cache.acquire(&key(4), || Ok(table(10, 4, false))).unwrap();
+        assert!(matches!(fourth, FileUse::Table { .. }));
+        assert_eq!(counters.files_evicted.load(Ordering::Relaxed), 1);
+        assert!(!cache.entries.contains_key(&key(1)));
+        assert!(cache.entries.contains_key(&key(3)));
+        // 2 and 4 are in use, 3 is not: 15 rows need both 3 and... no
+        // more room; nothing in use is evicted.
+        let big = cache.acquire(&key(5), || Ok(table(15, 5, false))).unwrap();
+        assert_eq!(big, FileUse::FramePointers);
+        assert_eq!(counters.tables_over_memory.load(Ordering::Relaxed), 1);
+        assert!(cache.entries.contains_key(&key(2)));
+        assert!(cache.entries.contains_key(&key(4)));
+        assert_eq!(cache.rows_accounted(), 30);
+        // Once 2 is unused, the big one fits (after evicting 2 and 3).
+        cache.release(&key(2));
+        let big = cache.acquire(&key(5), || Ok(table(15, 5, false))).unwrap();
+        assert!(matches!(big, FileUse::Table { .. }), "{big:?}");
+        assert_eq!(cache.rows_accounted(), 30);
+    }
+
+    #[test]
+    fn free_extents_coalesce() {
+        let (mut cache, _) = cache(UnwindMode::Dwarf, 30);
+        for n in 1..=3 {
+            cache
+                .acquire(&key(n), || Ok(table(10, n as u8, false)))
+                .unwrap();
+            cache.release(&key(n));
+        }
+        // All three evicted to make one contiguous 30-row extent.
+        let all = cache.acquire(&key(9), || Ok(table(30, 9, false))).unwrap();
+        assert!(matches!(all, FileUse::Table { .. }));
+        assert_eq!(cache.free.pieces(), 0);
+    }
+
+    #[test]
+    fn auto_mode_leaves_frame_pointer_files_out() {
+        let (mut cache, counters) = cache(UnwindMode::Auto, 100);
+        let fp = cache.acquire(&key(1), || Ok(table(10, 1, true))).unwrap();
+        assert_eq!(fp, FileUse::FramePointers);
+        let no_fp = cache.acquire(&key(2), || Ok(table(10, 2, false))).unwrap();
+        assert!(matches!(no_fp, FileUse::Table { .. }));
+        assert_eq!(counters.frame_pointer_files.load(Ordering::Relaxed), 1);
+        let (mut cache, _) = super::tests::cache(UnwindMode::Dwarf, 100);
+        let fp = cache.acquire(&key(1), || Ok(table(10, 1, true))).unwrap();
+        assert!(matches!(fp, FileUse::Table { .. }));
+    }
+
+    #[test]
+    fn files_without_table_are_remembered() {
+        let (mut cache, counters) = cache(UnwindMode::Dwarf, 100);
+        let none = cache
+            .acquire(&key(1), || Err(TableError::NoUnwindInfo))
+            .unwrap();
+        assert_eq!(none, FileUse::FramePointers);
+        cache.acquire(&key(1), || panic!("retried")).unwrap();
+        assert_eq!(counters.files_without_table.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn slots_run_out_before_rows() {
+        let (mut cache, _) = cache(UnwindMode::Dwarf, 1000);
+        for n in 0..8 {
+            let use_ = cache.acquire(&key(n), || Ok(table(1, 1, false))).unwrap();
+            assert!(matches!(use_, FileUse::Table { .. }));
+        }
+        let ninth = cache.acquire(&key(8), || Ok(table(1, 1, false))).unwrap();
+        assert_eq!(ninth, FileUse::FramePointers);
+        cache.release(&key(0));
+        let again = cache.acquire(&key(9), || Ok(table(1, 1, false))).unwrap();
+        assert_eq!(
+            again,
+            FileUse::Table {
+                slot: 0,
+                base: 0x1000
+            }
+        );
+    }
+}

@@ -1,0 +1,179 @@
+//! The unwind maps, taken out of the loaded object: the row and mapping
+//! arrays (written through shared memory mappings, so loading a table of
+//! 100 000 rows is a copy, not 100 000 syscalls), the file slots and the
+//! per-process entries.
+
+use std::os::fd::{AsFd, AsRawFd};
+
+use aya::maps::{Array, HashMap, Map, MapData};
+use hearth_ebpf::{names, UnwindFile, UnwindMapping, UnwindProc, UnwindRow};
+
+use super::cache::TableSink;
+use super::UnwindError;
+
+pub struct BpfSink {
+    rows: Mapped<UnwindRow>,
+    mappings: Mapped<UnwindMapping>,
+    files: Array<MapData, UnwindFile>,
+    processes: HashMap<MapData, u32, UnwindProc>,
+}
+
+impl BpfSink {
+    pub fn take(ebpf: &mut aya::Ebpf) -> Result<Self, UnwindError> {
+        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(UnwindError::Missing(name));
+        let rows = Mapped::new(take(names::UNWIND_ROWS)?, names::UNWIND_ROWS)?;
+        let mappings = Mapped::new(take(names::UNWIND_MAPPINGS)?, names::UNWIND_MAPPINGS)?;
+        let files =
+            Array::try_from(take(names::UNWIND_FILES)?).map_err(map(names::UNWIND_FILES))?;
+        let processes =
+            HashMap::try_from(take(names::UNWIND_PROCS)?).map_err(map(names::UNWIND_PROCS))?;
+        Ok(BpfSink {
+            rows,
+            mappings,
+            files,
+            processes,
+        })
+    }
+
+    /// Rows the row array holds.
+    pub fn capacity(&self) -> u32 {
+        self.rows.len
+    }
+
+    /// Entries the mapping array holds.
+    pub fn mapping_capacity(&self) -> u32 {
+        self.mappings.len
+    }
+}
+
+fn map(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> UnwindError {
+    move |source| UnwindError::Map { name, source }
+}
+
+impl TableSink for BpfSink {
+    fn write_rows(&mut self, start: u32, rows: &[UnwindRow]) -> Result<(), UnwindError> {
+        self.rows.write(start, rows)
+    }
+
+    fn set_file(&mut self, slot: u32, file: UnwindFile) -> Result<(), UnwindError> {
+        self.files
+            .set(slot, file, 0)
+            .map_err(map(names::UNWIND_FILES))
+    }
+
+    fn write_mappings(
+        &mut self,
+        start: u32,
+        mappings: &[UnwindMapping],
+    ) -> Result<(), UnwindError> {
+        self.mappings.write(start, mappings)
+    }
+
+    fn set_process(&mut self, pid: u32, process: UnwindProc) -> Result<(), UnwindError> {
+        self.processes
+            .insert(pid, process, 0)
+            .map_err(map(names::UNWIND_PROCS))
+    }
+
+    fn remove_process(&mut self, pid: u32) -> Result<(), UnwindError> {
+        match self.processes.remove(&pid) {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(map(names::UNWIND_PROCS)(e)),
+        }
+    }
+}
+
+/// An array map created with `BPF_F_MMAPABLE`, mapped into our memory.
+struct Mapped<T> {
+    ptr: *mut T,
+    len: u32,
+    bytes: usize,
+    name: &'static str,
+    /// Keeps the map alive as long as the mapping.
+    _map: MapData,
+}
+
+// SAFETY: the mapping is owned by this value alone; the kernel's readers
+// only read entries userspace wrote before publishing where they are.
+unsafe impl<T: Send> Send for Mapped<T> {}
+
+impl<T: Copy> Mapped<T> {
+    fn new(map: Map, name: &'static str) -> Result<Self, UnwindError> {
+        let Map::Array(data) = map else {
+            return Err(UnwindError::Missing(name));
+        };
+        let info = data.info().map_err(map_error(name))?;
+        let len = info.max_entries();
+        let row = std::mem::size_of::<T>();
+        if info.value_size() as usize != row {
+            return Err(UnwindError::Missing(name));
+        }
+        let bytes = (len as usize * row).next_multiple_of(page_size());
+        // SAFETY: mapping a BPF array map fd shared and writable is how the
+        // kernel exposes BPF_F_MMAPABLE arrays; the length is the array's.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                data.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(UnwindError::Mmap {
+                name,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(Mapped {
+            ptr: ptr.cast(),
+            len,
+            bytes,
+            name,
+            _map: data,
+        })
+    }
+
+    fn write(&mut self, start: u32, rows: &[T]) -> Result<(), UnwindError> {
+        let end = u64::from(start) + rows.len() as u64;
+        if end > u64::from(self.len) {
+            return Err(UnwindError::Mmap {
+                name: self.name,
+                source: std::io::Error::other(format!(
+                    "rows {start}..{end} beyond the array's {}",
+                    self.len
+                )),
+            });
+        }
+        // SAFETY: in bounds (checked above) of a mapping we own; rows are
+        // plain data.
+        unsafe {
+            std::ptr::copy_nonoverlapping(rows.as_ptr(), self.ptr.add(start as usize), rows.len());
+        }
+        Ok(())
+    }
+}
+
+impl<T> Drop for Mapped<T> {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `new` mapped.
+        unsafe { libc::munmap(self.ptr.cast(), self.bytes) };
+    }
+}
+
+fn map_error(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> UnwindError {
+    move |source| UnwindError::Map { name, source }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(size).unwrap_or(4096)
+}

@@ -1,0 +1,534 @@
+//! The unwinder's thread: scans a process's executable mappings, gets each
+//! mapped file's table from the cache (building it on first use), and
+//! publishes the process's mappings for the kernel walker.
+//!
+//! A process is scanned when the unwinder starts (if alive then) and when
+//! it shows up in a drained window, at most every [`RESCAN_AFTER`], so
+//! libraries it loads later are picked up. Exited processes (and reused
+//! pids) are found every [`REAP_EVERY`] and their references dropped,
+//! which lets their files' tables be evicted.
+
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use hearth_ebpf::{
+    UnwindMapping, UnwindProc, UNWIND_MAPPING_ANONYMOUS, UNWIND_MAPPING_FP, UNWIND_MAPPING_TABLE,
+    UNWIND_MAX_MAPPINGS,
+};
+
+use super::cache::{Extents, FileUse, TableCache, TableSink};
+use super::elf::{ElfFacts, FileKey};
+use super::table::{TableError, UnwindTable};
+use super::{Counters, Msg};
+use crate::process::start_time;
+use crate::symbolize::maps::{Backing, MapEntry, ProcMaps};
+
+/// A process seen again is rescanned after this long (new libraries).
+pub const RESCAN_AFTER: Duration = Duration::from_secs(10);
+/// How often exited processes are looked for.
+pub const REAP_EVERY: Duration = Duration::from_secs(2);
+/// File identities remembered before the memo is cleared.
+const MAX_IDENTITIES: usize = 64 * 1024;
+
+/// A file as `stat` sees it: a changed file is a different file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct FileId {
+    dev: u64,
+    inode: u64,
+    size: u64,
+    mtime_ns: i128,
+}
+
+struct Process {
+    start_time: u64,
+    /// Files whose tables it holds references to.
+    files: Vec<FileKey>,
+    scanned: Instant,
+    /// Where its mappings are, when they are published.
+    published: Option<UnwindProc>,
+}
+
+/// This machine's vDSO: the same image in every 64-bit process.
+struct Vdso {
+    facts: ElfFacts,
+    image: Vec<u8>,
+}
+
+pub struct Worker<S> {
+    cache: TableCache<S>,
+    counters: Arc<Counters>,
+    processes: HashMap<u32, Process>,
+    identities: HashMap<FileId, ElfFacts>,
+    vdso: Option<Vdso>,
+    /// Room in the mapping array.
+    mapping_space: Extents,
+    /// Mapping extents given up since the last reap: a walk may still be
+    /// reading one, so they are reused only after that.
+    retired: Vec<UnwindProc>,
+    stop: Arc<AtomicBool>,
+}
+
+impl<S: TableSink> Worker<S> {
+    /// `mapping_capacity`: entries of the kernel's mapping array.
+    pub fn new(
+        cache: TableCache<S>,
+        mapping_capacity: u32,
+        counters: Arc<Counters>,
+        stop: Arc<AtomicBool>,
+    ) -> Self {
+        let vdso = own_vdso().and_then(|image| {
+            let facts = ElfFacts::of(&object::File::parse(&*image).ok()?);
+            Some(Vdso { facts, image })
+        });
+        Worker {
+            cache,
+            counters,
+            processes: HashMap::new(),
+            identities: HashMap::new(),
+            vdso,
+            mapping_space: Extents::new(mapping_capacity),
+            retired: Vec::new(),
+            stop,
+        }
+    }
+
+    /// Handles messages until the channel closes or `stop` is set.
+    pub(super) fn run(&mut self, rx: mpsc::Receiver<Msg>) {
+        let mut reaped = Instant::now();
+        while !self.stopped() {
+            match rx.recv_timeout(REAP_EVERY) {
+                Ok(Msg::Observe(pids)) => {
+                    for pid in pids {
+                        if self.stopped() {
+                            return;
+                        }
+                        self.observe(pid);
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+            if reaped.elapsed() >= REAP_EVERY {
+                self.reap();
+                reaped = Instant::now();
+            }
+        }
+    }
+
+    pub fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Scans `pid` unless it was scanned recently.
+    pub fn observe(&mut self, pid: u32) {
+        if pid == 0 {
+            return;
+        }
+        if let Some(p) = self.processes.get(&pid) {
+            if p.scanned.elapsed() < RESCAN_AFTER {
+                return;
+            }
+        }
+        self.scan(pid);
+    }
+
+    /// Drops processes that exited (or whose pid now names another).
+    pub fn reap(&mut self) {
+        let gone: Vec<u32> = self
+            .processes
+            .iter()
+            .filter(|(&pid, p)| start_time(pid) != Some(p.start_time))
+            .map(|(&pid, _)| pid)
+            .collect();
+        for pid in gone {
+            self.forget(pid);
+        }
+        for extent in std::mem::take(&mut self.retired) {
+            self.mapping_space.free(extent.start, extent.len);
+        }
+    }
+
+    fn forget(&mut self, pid: u32) {
+        if let Some(old) = self.processes.remove(&pid) {
+            if let Some(extent) = old.published {
+                self.counters
+                    .processes_loaded
+                    .fetch_sub(1, Ordering::Relaxed);
+                if self.cache.sink_mut().remove_process(pid).is_err() {
+                    self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
+                }
+                self.retired.push(extent);
+            }
+            for key in &old.files {
+                self.cache.release(key);
+            }
+        }
+    }
+
+    fn scan(&mut self, pid: u32) {
+        let (Some(start_time), Ok(maps)) = (start_time(pid), ProcMaps::read(pid)) else {
+            self.forget(pid);
+            return;
+        };
+        self.counters
+            .processes_scanned
+            .fetch_add(1, Ordering::Relaxed);
+        let mut files = Vec::new();
+        let mut mappings: Vec<UnwindMapping> = Vec::new();
+        for entry in maps.entries() {
+            let mapping = match &entry.backing {
+                Backing::Anonymous => UnwindMapping {
+                    start: entry.start,
+                    end: entry.end,
+                    kind: UNWIND_MAPPING_ANONYMOUS,
+                    ..UnwindMapping::default()
+                },
+                Backing::Vdso => self.vdso_mapping(entry, &mut files),
+                Backing::File { path, deleted, .. } => {
+                    self.file_mapping(pid, entry, path, *deleted, &mut files)
+                }
+            };
+            match mappings.last_mut() {
+                // JIT code comes in many adjacent pieces: one is enough.
+                Some(last)
+                    if last.kind == UNWIND_MAPPING_ANONYMOUS
+                        && mapping.kind == UNWIND_MAPPING_ANONYMOUS
+                        && last.end == mapping.start =>
+                {
+                    last.end = mapping.end
+                }
+                _ => mappings.push(mapping),
+            }
+        }
+        if mappings.len() > UNWIND_MAX_MAPPINGS {
+            self.counters.mappings_dropped.fetch_add(
+                (mappings.len() - UNWIND_MAX_MAPPINGS) as u64,
+                Ordering::Relaxed,
+            );
+            mappings = keep_most_useful(mappings);
+        }
+        let published = if mappings.iter().any(|m| m.kind == UNWIND_MAPPING_TABLE) {
+            self.publish(pid, &mappings)
+        } else {
+            // Nothing a table helps with: the frame-pointer walker does
+            // the same work without the lookups.
+            if self.cache.sink_mut().remove_process(pid).is_err() {
+                self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
+            }
+            None
+        };
+        let was_published = self
+            .processes
+            .get(&pid)
+            .is_some_and(|p| p.published.is_some());
+        match (was_published, published.is_some()) {
+            (false, true) => {
+                self.counters
+                    .processes_loaded
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            (true, false) => {
+                self.counters
+                    .processes_loaded
+                    .fetch_sub(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        let old = self.processes.insert(
+            pid,
+            Process {
+                start_time,
+                files,
+                scanned: Instant::now(),
+                published,
+            },
+        );
+        // Released after the new references were taken, so a file both
+        // scans use is never evicted in between.
+        if let Some(old) = old {
+            for key in &old.files {
+                self.cache.release(key);
+            }
+            self.retired.extend(old.published);
+        }
+    }
+
+    /// Writes `mappings` to a fresh extent and points `pid`'s entry at it;
+    /// where they are, or `None` when they could not be written (counted).
+    fn publish(&mut self, pid: u32, mappings: &[UnwindMapping]) -> Option<UnwindProc> {
+        let len = mappings.len() as u32;
+        let Some(start) = self.mapping_space.allocate(len) else {
+            self.counters
+                .mappings_dropped
+                .fetch_add(u64::from(len), Ordering::Relaxed);
+            tracing::info!(
+                pid,
+                "unwind mapping array full: frame pointers for this process"
+            );
+            return None;
+        };
+        let extent = UnwindProc { start, len };
+        let sink = self.cache.sink_mut();
+        let written = sink
+            .write_mappings(start, mappings)
+            .and_then(|()| sink.set_process(pid, extent));
+        if written.is_err() {
+            self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
+            self.mapping_space.free(start, len);
+            return None;
+        }
+        Some(extent)
+    }
+
+    fn vdso_mapping(&mut self, entry: &MapEntry, files: &mut Vec<FileKey>) -> UnwindMapping {
+        let mut mapping = frame_pointers(entry);
+        let Some(vdso) = &self.vdso else {
+            return mapping;
+        };
+        // A 32-bit process has another vDSO.
+        if (entry.end - entry.start) as usize != vdso.image.len() {
+            return mapping;
+        }
+        let (key, image) = (vdso.facts.key.clone(), &vdso.image);
+        let Some(bias) = vdso.facts.load_bias(entry.start, entry.offset) else {
+            return mapping;
+        };
+        match self.cache.acquire(&key, || UnwindTable::from_elf(image)) {
+            Ok(file_use) => {
+                files.push(key);
+                set_use(&mut mapping, file_use, bias);
+            }
+            Err(_) => {
+                self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        mapping
+    }
+
+    fn file_mapping(
+        &mut self,
+        pid: u32,
+        entry: &MapEntry,
+        path: &str,
+        deleted: bool,
+        files: &mut Vec<FileKey>,
+    ) -> UnwindMapping {
+        let mut mapping = frame_pointers(entry);
+        // Through map_files: exactly the mapped file, wherever it is and
+        // whether or not it is still linked; else through the process's
+        // root (its mount namespace), unless it was deleted.
+        let map_files = format!("/proc/{pid}/map_files/{:x}-{:x}", entry.start, entry.end);
+        let root_path =
+            (!deleted && path.starts_with('/')).then(|| format!("/proc/{pid}/root{path}"));
+        let candidates = [Some(map_files), root_path];
+        let Some((open_path, meta)) = candidates
+            .into_iter()
+            .flatten()
+            .find_map(|p| std::fs::metadata(&p).ok().map(|m| (p, m)))
+        else {
+            return mapping;
+        };
+        let id = FileId {
+            dev: meta.dev(),
+            inode: meta.ino(),
+            size: meta.size(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+        };
+        let mut opened = None;
+        let facts = match self.identities.get(&id) {
+            Some(facts) => facts.clone(),
+            None => {
+                let Ok(data) = map_file(&open_path) else {
+                    return mapping;
+                };
+                let Ok(file) = object::File::parse(&*data) else {
+                    return mapping;
+                };
+                let facts = ElfFacts::of(&file);
+                if self.identities.len() >= MAX_IDENTITIES {
+                    self.identities.clear();
+                }
+                self.identities.insert(id, facts.clone());
+                opened = Some(data);
+                facts
+            }
+        };
+        let Some(bias) = facts.load_bias(entry.start, entry.offset) else {
+            return mapping;
+        };
+        let build = || {
+            let data = match opened {
+                Some(data) => data,
+                None => map_file(&open_path).map_err(TableError::Io)?,
+            };
+            UnwindTable::from_elf(&data)
+        };
+        match self.cache.acquire(&facts.key, build) {
+            Ok(file_use) => {
+                files.push(facts.key);
+                set_use(&mut mapping, file_use, bias);
+            }
+            Err(_) => {
+                self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        mapping
+    }
+}
+
+fn frame_pointers(entry: &MapEntry) -> UnwindMapping {
+    UnwindMapping {
+        start: entry.start,
+        end: entry.end,
+        kind: UNWIND_MAPPING_FP,
+        ..UnwindMapping::default()
+    }
+}
+
+fn set_use(mapping: &mut UnwindMapping, file_use: FileUse, load_bias: u64) {
+    if let FileUse::Table { slot, base } = file_use {
+        mapping.kind = UNWIND_MAPPING_TABLE;
+        mapping.file = slot;
+        // pc − bias = file address − table base.
+        mapping.bias = load_bias.wrapping_add(base);
+    }
+}
+
+/// The [`UNWIND_MAX_MAPPINGS`] mappings that matter most, sorted: tables
+/// first, then anonymous code (where walks stop); a left-out
+/// frame-pointer mapping changes nothing but which counter a frame in it
+/// bumps.
+fn keep_most_useful(mut mappings: Vec<UnwindMapping>) -> Vec<UnwindMapping> {
+    let rank = |m: &UnwindMapping| match m.kind {
+        UNWIND_MAPPING_TABLE => 0,
+        UNWIND_MAPPING_ANONYMOUS => 1,
+        _ => 2,
+    };
+    mappings.sort_by_key(|m| (rank(m), m.start));
+    mappings.truncate(UNWIND_MAX_MAPPINGS);
+    mappings.sort_by_key(|m| m.start);
+    mappings
+}
+
+fn map_file(path: &str) -> std::io::Result<memmap2::Mmap> {
+    let file = std::fs::File::open(path)?;
+    // SAFETY: read-only private mapping; a file truncated under us can
+    // fault, which executables and libraries in use are not (the kernel
+    // refuses writes to running executables, and truncating a mapped
+    // library crashes its users first).
+    unsafe { memmap2::Mmap::map(&file) }
+}
+
+/// Every process id in /proc.
+pub fn all_pids() -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// A copy of this process's vDSO image.
+fn own_vdso() -> Option<Vec<u8>> {
+    // SAFETY: getauxval has no preconditions.
+    let start = unsafe { libc::getauxval(libc::AT_SYSINFO_EHDR) };
+    if start == 0 {
+        return None;
+    }
+    let maps = ProcMaps::read(std::process::id()).ok()?;
+    let entry = maps
+        .entries()
+        .iter()
+        .find(|e| e.backing == Backing::Vdso && e.start == start)?;
+    let len = (entry.end - entry.start) as usize;
+    // SAFETY: the vDSO is mapped readable at `start` for `len` bytes for
+    // the life of the process.
+    Some(unsafe { std::slice::from_raw_parts(start as *const u8, len) }.to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::unwind::cache::tests::FakeSink;
+    use crate::unwind::UnwindMode;
+
+    fn worker(mode: UnwindMode) -> Worker<FakeSink> {
+        let counters = Arc::new(Counters::default());
+        let cache = TableCache::new(FakeSink::default(), mode, 1 << 22, 64, counters.clone());
+        Worker::new(cache, 1024, counters, Arc::new(AtomicBool::new(false)))
+    }
+
+    #[test]
+    fn own_process_is_published_with_libc_and_the_vdso() {
+        let mut w = worker(UnwindMode::Dwarf);
+        let me = std::process::id();
+        w.observe(me);
+        let mappings = w.cache.sink_mut().process_mappings(me).expect("published");
+        assert!(mappings.windows(2).all(|p| p[0].end <= p[1].start));
+        // The address of a libc function is in a table mapping, and the
+        // table has a rule for it.
+        let libc_fn = libc::getpid as *const () as u64;
+        let m = mappings
+            .iter()
+            .find(|m| m.start <= libc_fn && libc_fn < m.end)
+            .expect("libc mapped");
+        assert_eq!(m.kind, UNWIND_MAPPING_TABLE);
+        let vdso_start = unsafe { libc::getauxval(libc::AT_SYSINFO_EHDR) };
+        let vdso = mappings
+            .iter()
+            .find(|m| m.start == vdso_start)
+            .expect("vdso listed");
+        assert_eq!(vdso.kind, UNWIND_MAPPING_TABLE);
+        let stats = w.counters.snapshot();
+        assert!(stats.files_built >= 2, "{stats:?}");
+        assert_eq!(stats.processes_loaded, 1);
+        // A second scan soon after is skipped; a forced one reuses tables.
+        w.observe(me);
+        assert_eq!(w.counters.snapshot().processes_scanned, 1);
+        w.scan(me);
+        assert_eq!(w.counters.snapshot().files_built, stats.files_built);
+        assert_eq!(w.counters.snapshot().processes_loaded, 1);
+    }
+
+    #[test]
+    fn exited_processes_are_forgotten() {
+        let mut w = worker(UnwindMode::Dwarf);
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        w.observe(pid);
+        assert!(w.cache.sink_mut().processes.contains_key(&pid));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        w.reap();
+        assert!(!w.cache.sink_mut().processes.contains_key(&pid));
+        assert_eq!(w.counters.snapshot().processes_loaded, 0);
+        assert!(w.processes.is_empty());
+    }
+
+    #[test]
+    fn most_useful_mappings_are_kept() {
+        let m = |start: u64, kind| UnwindMapping {
+            start,
+            end: start + 1,
+            kind,
+            ..UnwindMapping::default()
+        };
+        let mut many: Vec<_> = (0..UNWIND_MAX_MAPPINGS as u64)
+            .map(|i| m(i * 10, UNWIND_MAPPING_FP))
+            .collect();
+        many.push(m(5, UNWIND_MAPPING_TABLE));
+        many.push(m(7, UNWIND_MAPPING_ANONYMOUS));
+        let kept = keep_most_useful(many);
+        assert_eq!(kept.len(), UNWIND_MAX_MAPPINGS);
+        assert!(kept.windows(2).all(|p| p[0].start < p[1].start));
+        assert!(kept.iter().any(|m| m.kind == UNWIND_MAPPING_TABLE));
+        assert!(kept.iter().any(|m| m.kind == UNWIND_MAPPING_ANONYMOUS));
+    }
+}
