@@ -56,11 +56,14 @@ impl RecordError {
     }
 }
 
-/// Longest a record waits, before sampling, for the unwind tables of the
-/// processes alive at its start: a short record would otherwise spend its
-/// first moments with frame-pointer stacks only. Tables still loading after
-/// that keep loading in the background.
+/// Longest a record of given processes waits, before sampling, for their
+/// unwind tables: a short record would otherwise spend its first moments
+/// with frame-pointer stacks only. Tables still loading after that keep
+/// loading in the background.
 const UNWIND_WAIT: Duration = Duration::from_secs(3);
+/// The same for a host-wide record, which scans every process (the
+/// busiest first) and should not hold sampling back for long.
+const UNWIND_WAIT_HOST: Duration = Duration::from_secs(1);
 
 /// What a finished record produced.
 #[derive(Debug)]
@@ -149,7 +152,11 @@ pub async fn record(args: &RecordArgs) -> Result<RecordSummary, RecordError> {
         pids: args.pids.clone(),
         unwind: args.unwind,
         unwind_memory: args.unwind_memory,
-        unwind_wait: UNWIND_WAIT,
+        unwind_wait: if args.pids.is_empty() {
+            UNWIND_WAIT_HOST
+        } else {
+            UNWIND_WAIT
+        },
         ..SamplerOptions::default()
     })?;
     let started = Instant::now();

@@ -42,9 +42,11 @@ pub enum FileUse {
     /// With the table in file slot `slot`, whose rows are relative to file
     /// address `base`.
     Table { slot: u32, base: u64 },
-    /// Through frame pointers: the file has no table, was built with frame
-    /// pointers (`auto`), or its table did not fit.
+    /// Through frame pointers: the file has no table or was built with
+    /// frame pointers (`auto`).
     FramePointers,
+    /// Through frame pointers for now: its table did not fit under the cap.
+    NoRoom,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -202,7 +204,8 @@ impl<S: TableSink> TableCache<S> {
         entry.last_used = tick;
         Ok(match entry.state {
             State::Loaded { slot, base, .. } => FileUse::Table { slot, base },
-            _ => FileUse::FramePointers,
+            State::DidNotFit { .. } => FileUse::NoRoom,
+            State::FramePointers | State::NoTable => FileUse::FramePointers,
         })
     }
 
@@ -224,6 +227,7 @@ impl<S: TableSink> TableCache<S> {
     ) -> Result<State, UnwindError> {
         let started = Instant::now();
         let built = build();
+        release_freed_memory();
         let c = self.counters.clone();
         c.build_ns
             .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
@@ -260,6 +264,7 @@ impl<S: TableSink> TableCache<S> {
             self.free_slots.push(slot);
             return Err(e);
         }
+        tracing::debug!(file = %key, rows = len, "unwind table loaded");
         c.files_loaded.fetch_add(1, Ordering::Relaxed);
         c.table_bytes
             .fetch_add(u64::from(len) * ROW_BYTES, Ordering::Relaxed);
@@ -290,8 +295,16 @@ impl<S: TableSink> TableCache<S> {
         }
     }
 
+    /// Rows `key`'s table needs, when it did not fit.
+    pub fn rows_needed(&self, key: &FileKey) -> Option<u32> {
+        match self.entries.get(key)?.state {
+            State::DidNotFit { rows } => Some(rows),
+            _ => None,
+        }
+    }
+
     /// True when `rows` would fit if every unused table were evicted.
-    fn could_fit(&self, rows: u32) -> bool {
+    pub fn could_fit(&self, rows: u32) -> bool {
         let free = self.free.free_total();
         let evictable: u64 = self
             .entries
@@ -353,6 +366,17 @@ impl<S: TableSink> TableCache<S> {
 }
 
 const ROW_BYTES: u64 = std::mem::size_of::<UnwindRow>() as u64;
+
+/// Gives memory freed after a build back to the system: building a large
+/// table allocates tens of MiB for a moment, which glibc would otherwise
+/// keep in this thread's arena (and in the agent's resident memory).
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
 
 #[cfg(test)]
 pub(super) mod tests {
@@ -479,7 +503,7 @@ pub(super) mod tests {
         // 2 and 4 are in use, 3 is not: 15 rows need both 3 and... no
         // more room; nothing in use is evicted.
         let big = cache.acquire(&key(5), || Ok(table(15, 5, false))).unwrap();
-        assert_eq!(big, FileUse::FramePointers);
+        assert_eq!(big, FileUse::NoRoom);
         assert_eq!(counters.tables_over_memory.load(Ordering::Relaxed), 1);
         assert!(cache.entries.contains_key(&key(2)));
         assert!(cache.entries.contains_key(&key(4)));
@@ -538,7 +562,7 @@ pub(super) mod tests {
             assert!(matches!(use_, FileUse::Table { .. }));
         }
         let ninth = cache.acquire(&key(8), || Ok(table(1, 1, false))).unwrap();
-        assert_eq!(ninth, FileUse::FramePointers);
+        assert_eq!(ninth, FileUse::NoRoom);
         cache.release(&key(0));
         let again = cache.acquire(&key(9), || Ok(table(1, 1, false))).unwrap();
         assert_eq!(

@@ -121,6 +121,8 @@ pub struct Counters {
     pub processes_scanned: AtomicU64,
     /// Mappings left out of a process's entry (over the per-process limit).
     pub mappings_dropped: AtomicU64,
+    /// Idle processes that gave up their tables to sampled ones.
+    pub processes_demoted: AtomicU64,
     /// Map writes that failed.
     pub write_errors: AtomicU64,
 }
@@ -140,6 +142,7 @@ pub struct UnwindStats {
     pub processes_loaded: u64,
     pub processes_scanned: u64,
     pub mappings_dropped: u64,
+    pub processes_demoted: u64,
     pub write_errors: u64,
 }
 
@@ -159,6 +162,7 @@ impl Counters {
             processes_loaded: get(&self.processes_loaded),
             processes_scanned: get(&self.processes_scanned),
             mappings_dropped: get(&self.mappings_dropped),
+            processes_demoted: get(&self.processes_demoted),
             write_errors: get(&self.write_errors),
         }
     }
@@ -230,12 +234,7 @@ impl Unwinder {
                 } else {
                     initial
                 };
-                for pid in initial {
-                    if worker.stopped() {
-                        break;
-                    }
-                    worker.observe(pid);
-                }
+                worker.scan_initial(initial, &rx);
                 *thread_ready.done.lock().unwrap_or_else(|e| e.into_inner()) = true;
                 thread_ready.cond.notify_all();
                 worker.run(rx);

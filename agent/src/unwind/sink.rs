@@ -2,6 +2,10 @@
 //! arrays (written through shared memory mappings, so loading a table of
 //! 100 000 rows is a copy, not 100 000 syscalls), the file slots and the
 //! per-process entries.
+//!
+//! The arrays are mapped only while being written: pages of a mapping we
+//! kept would count in the agent's resident memory although they are the
+//! kernel's map memory (already counted as such).
 
 use std::os::fd::{AsFd, AsRawFd};
 
@@ -88,19 +92,15 @@ impl TableSink for BpfSink {
     }
 }
 
-/// An array map created with `BPF_F_MMAPABLE`, mapped into our memory.
+/// An array map created with `BPF_F_MMAPABLE`, mapped into our memory for
+/// each write.
 struct Mapped<T> {
-    ptr: *mut T,
     len: u32,
     bytes: usize,
     name: &'static str,
-    /// Keeps the map alive as long as the mapping.
-    _map: MapData,
+    map: MapData,
+    _rows: std::marker::PhantomData<T>,
 }
-
-// SAFETY: the mapping is owned by this value alone; the kernel's readers
-// only read entries userspace wrote before publishing where they are.
-unsafe impl<T: Send> Send for Mapped<T> {}
 
 impl<T: Copy> Mapped<T> {
     fn new(map: Map, name: &'static str) -> Result<Self, UnwindError> {
@@ -114,30 +114,12 @@ impl<T: Copy> Mapped<T> {
             return Err(UnwindError::Missing(name));
         }
         let bytes = (len as usize * row).next_multiple_of(page_size());
-        // SAFETY: mapping a BPF array map fd shared and writable is how the
-        // kernel exposes BPF_F_MMAPABLE arrays; the length is the array's.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                data.fd().as_fd().as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(UnwindError::Mmap {
-                name,
-                source: std::io::Error::last_os_error(),
-            });
-        }
         Ok(Mapped {
-            ptr: ptr.cast(),
             len,
             bytes,
             name,
-            _map: data,
+            map: data,
+            _rows: std::marker::PhantomData,
         })
     }
 
@@ -147,24 +129,40 @@ impl<T: Copy> Mapped<T> {
             return Err(UnwindError::Mmap {
                 name: self.name,
                 source: std::io::Error::other(format!(
-                    "rows {start}..{end} beyond the array's {}",
+                    "entries {start}..{end} beyond the array's {}",
                     self.len
                 )),
             });
         }
-        // SAFETY: in bounds (checked above) of a mapping we own; rows are
-        // plain data.
+        // SAFETY: mapping a BPF array map fd shared and writable is how the
+        // kernel exposes BPF_F_MMAPABLE arrays; the length is the array's.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                self.bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                self.map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(UnwindError::Mmap {
+                name: self.name,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: in bounds (checked above) of the mapping just made; the
+        // entries are plain data. Unmapped right after.
         unsafe {
-            std::ptr::copy_nonoverlapping(rows.as_ptr(), self.ptr.add(start as usize), rows.len());
+            std::ptr::copy_nonoverlapping(
+                rows.as_ptr(),
+                ptr.cast::<T>().add(start as usize),
+                rows.len(),
+            );
+            libc::munmap(ptr, self.bytes);
         }
         Ok(())
-    }
-}
-
-impl<T> Drop for Mapped<T> {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what `new` mapped.
-        unsafe { libc::munmap(self.ptr.cast(), self.bytes) };
     }
 }
 

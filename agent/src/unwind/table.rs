@@ -160,7 +160,9 @@ pub struct UnwindTable {
     pub summary: TableSummary,
 }
 
-/// A row of gimli's, reduced to a [`Rule`].
+/// A row of gimli's, reduced to a [`Rule`] (tests build tables from
+/// these).
+#[cfg(test)]
 #[derive(Debug, Clone, Copy)]
 struct Span {
     start: u64,
@@ -172,6 +174,10 @@ type Slice<'a> = EndianSlice<'a, LittleEndian>;
 
 impl UnwindTable {
     /// Builds the table of an ELF image (a file's bytes, or the vDSO).
+    ///
+    /// Two passes keep memory at the size of the result: the FDEs' address
+    /// ranges are listed and sorted first, then each FDE is evaluated in
+    /// address order and its rows appended.
     pub fn from_elf(data: &[u8]) -> Result<UnwindTable, TableError> {
         let file = object::File::parse(data)?;
         if file.architecture() != object::Architecture::X86_64 {
@@ -189,92 +195,98 @@ impl UnwindTable {
         if let Some(got) = file.section_by_name(".got") {
             bases = bases.set_got(got.address());
         }
-        let mut summary = TableSummary::default();
-        let mut spans = Vec::new();
-        let mut fde_ranges = Vec::new();
-        if let Some((address, data)) = section_data(".eh_frame") {
-            let bases = bases.clone().set_eh_frame(address);
+        let eh_frame = section_data(".eh_frame").map(|(address, data)| {
             let mut section = EhFrame::new(data, LittleEndian);
             section.set_address_size(8);
-            collect(
-                &section,
-                &bases,
-                &mut spans,
-                &mut fde_ranges,
-                None,
-                &mut summary,
-            );
-        }
-        if let Some((_, data)) = section_data(".debug_frame") {
+            (section, bases.clone().set_eh_frame(address))
+        });
+        let debug_frame = section_data(".debug_frame").map(|(_, data)| {
             let mut section = DebugFrame::new(data, LittleEndian);
             section.set_address_size(8);
-            let mut covered = fde_ranges.clone();
+            section
+        });
+
+        let mut summary = TableSummary::default();
+        let mut fdes = Vec::new();
+        if let Some((section, bases)) = &eh_frame {
+            list_fdes(section, bases, Source::EhFrame, &mut fdes, &mut summary);
+        }
+        if let Some(section) = &debug_frame {
+            // Only for code .eh_frame does not cover.
+            let mut covered: Vec<(u64, u64)> = fdes.iter().map(|f| (f.start, f.end)).collect();
             covered.sort_unstable();
-            let before = summary.fdes;
-            collect(
-                &section,
+            let mut debug = Vec::new();
+            list_fdes(
+                section,
                 &bases,
-                &mut spans,
-                &mut fde_ranges,
-                Some(&covered),
+                Source::DebugFrame,
+                &mut debug,
                 &mut summary,
             );
-            summary.debug_frame_fdes = summary.fdes - before;
+            debug.retain(|f| {
+                let i = covered.partition_point(|&(_, e)| e <= f.start);
+                covered.get(i).is_none_or(|&(s, _)| s >= f.end)
+            });
+            fdes.extend(debug);
         }
-        if spans.is_empty() {
+        // Stable: at equal starts the first listed (.eh_frame) wins.
+        fdes.sort_by_key(|f| f.start);
+        let (Some(first), Some(end)) = (fdes.first(), fdes.iter().map(|f| f.end).max()) else {
             return Err(TableError::NoUnwindInfo);
-        }
-        Self::from_spans(spans, summary)
-    }
-
-    fn from_spans(mut spans: Vec<Span>, summary: TableSummary) -> Result<UnwindTable, TableError> {
-        spans.sort_by_key(|s| s.start);
-        let base = spans[0].start;
-        let end = spans.iter().map(|s| s.end).max().unwrap_or(base);
-        if end - base > u64::from(u32::MAX) {
-            return Err(TableError::TooLarge(end - base));
-        }
-        let mut rows: Vec<UnwindRow> = Vec::with_capacity(spans.len() / 2 + 1);
-        let push = |rows: &mut Vec<UnwindRow>, at: u64, encoded: (u16, u8, i8)| {
-            let (cfa_offset, rule, fp_offset) = encoded;
-            let row = UnwindRow {
-                pc: (at - base) as u32,
-                cfa_offset,
-                rule,
-                fp_offset,
-            };
-            match rows.last_mut() {
-                // Same rule as the row before: redundant.
-                Some(last) if same_rule(last, &row) => {}
-                // Same address (a zero-length range before): replaced.
-                Some(last) if last.pc == row.pc => *last = row,
-                _ => rows.push(row),
-            }
         };
-        const GAP: (u16, u8, i8) = (0, UNWIND_CFA_NONE, 0);
-        let mut covered_to: Option<u64> = None;
-        for span in &spans {
-            let start = covered_to.map_or(span.start, |c| span.start.max(c));
-            if start >= span.end {
-                continue; // overlapped by an earlier FDE
-            }
-            if let Some(c) = covered_to {
-                if start > c {
-                    push(&mut rows, c, GAP);
+        if end - first.start > u64::from(u32::MAX) {
+            return Err(TableError::TooLarge(end - first.start));
+        }
+        let mut writer = RowWriter::new(first.start);
+        let mut eh_cies = HashMap::new();
+        let mut debug_cies = HashMap::new();
+        let mut ctx = Box::new(UnwindContext::new());
+        for fde in &fdes {
+            let evaluated = match (fde.source, &eh_frame, &debug_frame) {
+                (Source::EhFrame, Some((section, bases)), _) => {
+                    evaluate(section, bases, fde, &mut eh_cies, &mut ctx, &mut writer)
                 }
+                (Source::DebugFrame, _, Some(section)) => {
+                    evaluate(section, &bases, fde, &mut debug_cies, &mut ctx, &mut writer)
+                }
+                _ => continue,
+            };
+            match evaluated {
+                Ok(counts) => {
+                    summary.fdes += 1;
+                    summary.debug_frame_fdes += usize::from(fde.source == Source::DebugFrame);
+                    summary.framed_fdes += usize::from(counts.framed);
+                    summary.frame_pointer_fdes += usize::from(counts.frame_pointer);
+                    summary.unsupported_rows += counts.unsupported_rows;
+                }
+                Err(_) => summary.bad_fdes += 1,
             }
-            push(&mut rows, start, span.rule.encode());
-            covered_to = Some(span.end);
         }
-        if let Some(c) = covered_to {
-            push(&mut rows, c, GAP);
-        }
+        let rows = writer.finish();
         if rows.len() > UNWIND_MAX_FILE_ROWS as usize {
             return Err(TableError::TooManyRows(rows.len()));
         }
+        if rows.len() <= 1 {
+            return Err(TableError::NoUnwindInfo);
+        }
+        Ok(UnwindTable {
+            base: first.start,
+            rows,
+            summary,
+        })
+    }
+
+    #[cfg(test)]
+    fn from_spans(mut spans: Vec<Span>, summary: TableSummary) -> Result<UnwindTable, TableError> {
+        spans.sort_by_key(|s| s.start);
+        let base = spans[0].start;
+        let mut writer = RowWriter::new(base);
+        for span in &spans {
+            writer.span(span.start, span.end, span.rule.encode());
+        }
         Ok(UnwindTable {
             base,
-            rows,
+            rows: writer.finish(),
             summary,
         })
     }
@@ -315,19 +327,32 @@ fn is_compressed(section: &object::Section<'_, '_>) -> bool {
     }
 }
 
-/// Evaluates every FDE of `section` into spans. With `skip`, FDEs that
-/// overlap one of those (sorted) ranges are left out.
-fn collect<'a, S>(
+/// Which section an FDE is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    EhFrame,
+    DebugFrame,
+}
+
+/// An FDE's address range and where to find it again.
+#[derive(Debug, Clone, Copy)]
+struct FdeRef {
+    start: u64,
+    end: u64,
+    offset: usize,
+    source: Source,
+}
+
+/// Lists the FDEs (with code) of `section`.
+fn list_fdes<'a, S>(
     section: &S,
     bases: &BaseAddresses,
-    spans: &mut Vec<Span>,
-    fde_ranges: &mut Vec<(u64, u64)>,
-    skip: Option<&[(u64, u64)]>,
+    source: Source,
+    fdes: &mut Vec<FdeRef>,
     summary: &mut TableSummary,
 ) where
     S: UnwindSection<Slice<'a>>,
 {
-    let mut ctx = Box::new(UnwindContext::new());
     let mut cies: HashMap<usize, CommonInformationEntry<Slice<'a>>> = HashMap::new();
     let mut entries = section.entries(bases);
     loop {
@@ -344,58 +369,133 @@ fn collect<'a, S>(
         let CieOrFde::Fde(partial) = entry else {
             continue;
         };
-        let fde = partial.parse(|section, bases, offset| {
-            let key = UnwindOffset::into(offset);
-            if let Some(cie) = cies.get(&key) {
-                return Ok(cie.clone());
+        let offset = partial.offset();
+        match partial.parse(|section, bases, cie| cached_cie(&mut cies, section, bases, cie)) {
+            Ok(fde) if fde.end_address() > fde.initial_address() => fdes.push(FdeRef {
+                start: fde.initial_address(),
+                end: fde.end_address(),
+                offset,
+                source,
+            }),
+            Ok(_) => {}
+            Err(_) => summary.bad_fdes += 1,
+        }
+    }
+}
+
+fn cached_cie<'a, S: UnwindSection<Slice<'a>>>(
+    cies: &mut HashMap<usize, CommonInformationEntry<Slice<'a>>>,
+    section: &S,
+    bases: &BaseAddresses,
+    offset: S::Offset,
+) -> gimli::Result<CommonInformationEntry<Slice<'a>>> {
+    let key = UnwindOffset::into(offset);
+    if let Some(cie) = cies.get(&key) {
+        return Ok(cie.clone());
+    }
+    let cie = section.cie_from_offset(bases, offset)?;
+    cies.insert(key, cie.clone());
+    Ok(cie)
+}
+
+/// What evaluating one FDE found.
+#[derive(Debug, Default)]
+struct FdeCounts {
+    framed: bool,
+    frame_pointer: bool,
+    unsupported_rows: usize,
+}
+
+/// Evaluates one FDE's rows into `writer`.
+fn evaluate<'a, S>(
+    section: &S,
+    bases: &BaseAddresses,
+    fde: &FdeRef,
+    cies: &mut HashMap<usize, CommonInformationEntry<Slice<'a>>>,
+    ctx: &mut UnwindContext<usize>,
+    writer: &mut RowWriter,
+) -> gimli::Result<FdeCounts>
+where
+    S: UnwindSection<Slice<'a>>,
+{
+    let parsed = section
+        .partial_fde_from_offset(bases, S::Offset::from(fde.offset))?
+        .parse(|section, bases, cie| cached_cie(cies, section, bases, cie))?;
+    let signal = parsed.is_signal_trampoline();
+    let mut counts = FdeCounts::default();
+    // Rows go to a buffer first: an FDE that fails half-way adds none.
+    let mut rows = Vec::new();
+    let mut table = parsed.rows(section, bases, ctx)?;
+    while let Some(row) = table.next_row()? {
+        let rule = rule_of(row, section, signal);
+        counts.frame_pointer |= matches!(rule.cfa, Cfa::Fp(_));
+        counts.framed |= matches!(rule.cfa, Cfa::Fp(_) | Cfa::Sp(9..));
+        counts.unsupported_rows += usize::from(rule.cfa == Cfa::Unsupported);
+        rows.push((row.start_address(), row.end_address(), rule.encode()));
+    }
+    for (start, end, encoded) in rows {
+        writer.span(start, end, encoded);
+    }
+    Ok(counts)
+}
+
+/// Appends rows in address order: overlaps trimmed (the first to cover an
+/// address wins), gaps marked, repeats of the previous rule left out.
+struct RowWriter {
+    base: u64,
+    rows: Vec<UnwindRow>,
+    covered_to: Option<u64>,
+}
+
+const GAP: (u16, u8, i8) = (0, UNWIND_CFA_NONE, 0);
+
+impl RowWriter {
+    fn new(base: u64) -> Self {
+        RowWriter {
+            base,
+            rows: Vec::new(),
+            covered_to: None,
+        }
+    }
+
+    /// `[start, end)` follows `encoded`; `start` is at or after every
+    /// earlier span's start.
+    fn span(&mut self, start: u64, end: u64, encoded: (u16, u8, i8)) {
+        let start = self.covered_to.map_or(start, |c| start.max(c));
+        if start >= end {
+            return; // overlapped by an earlier FDE
+        }
+        if let Some(c) = self.covered_to {
+            if start > c {
+                self.push(c, GAP);
             }
-            let cie = section.cie_from_offset(bases, offset)?;
-            cies.insert(key, cie.clone());
-            Ok(cie)
-        });
-        let Ok(fde) = fde else {
-            summary.bad_fdes += 1;
-            continue;
+        }
+        self.push(start, encoded);
+        self.covered_to = Some(end);
+    }
+
+    fn push(&mut self, at: u64, (cfa_offset, rule, fp_offset): (u16, u8, i8)) {
+        let row = UnwindRow {
+            pc: (at - self.base) as u32,
+            cfa_offset,
+            rule,
+            fp_offset,
         };
-        let (start, end) = (fde.initial_address(), fde.end_address());
-        if end <= start {
-            continue;
+        match self.rows.last_mut() {
+            // Same rule as the row before: redundant.
+            Some(last) if same_rule(last, &row) => {}
+            // Same address (a zero-length range before): replaced.
+            Some(last) if last.pc == row.pc => *last = row,
+            _ => self.rows.push(row),
         }
-        if let Some(skip) = skip {
-            let i = skip.partition_point(|&(_, e)| e <= start);
-            if skip.get(i).is_some_and(|&(s, _)| s < end) {
-                continue;
-            }
+    }
+
+    fn finish(mut self) -> Vec<UnwindRow> {
+        if let Some(c) = self.covered_to {
+            self.push(c, GAP);
         }
-        let signal = fde.is_signal_trampoline();
-        let before = spans.len();
-        let (mut framed, mut frame_pointer) = (false, false);
-        let ok = (|| -> gimli::Result<()> {
-            let mut rows = fde.rows(section, bases, &mut ctx)?;
-            while let Some(row) = rows.next_row()? {
-                let rule = rule_of(row, section, signal);
-                frame_pointer |= matches!(rule.cfa, Cfa::Fp(_));
-                framed |= matches!(rule.cfa, Cfa::Fp(_)) || matches!(rule.cfa, Cfa::Sp(n) if n > 8);
-                if rule.cfa == Cfa::Unsupported {
-                    summary.unsupported_rows += 1;
-                }
-                spans.push(Span {
-                    start: row.start_address(),
-                    end: row.end_address(),
-                    rule,
-                });
-            }
-            Ok(())
-        })();
-        if ok.is_err() {
-            spans.truncate(before);
-            summary.bad_fdes += 1;
-            continue;
-        }
-        summary.fdes += 1;
-        summary.frame_pointer_fdes += usize::from(frame_pointer);
-        summary.framed_fdes += usize::from(framed);
-        fde_ranges.push((start, end));
+        self.rows.shrink_to_fit();
+        self.rows
     }
 }
 

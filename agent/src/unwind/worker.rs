@@ -2,11 +2,19 @@
 //! mapped file's table from the cache (building it on first use), and
 //! publishes the process's mappings for the kernel walker.
 //!
-//! A process is scanned when the unwinder starts (if alive then) and when
-//! it shows up in a drained window, at most every [`RESCAN_AFTER`], so
-//! libraries it loads later are picked up. Exited processes (and reused
-//! pids) are found every [`REAP_EVERY`] and their references dropped,
-//! which lets their files' tables be evicted.
+//! A process is scanned when the unwinder starts (if alive then; the
+//! processes that used the most CPU first) and when it shows up in a
+//! drained window, at most every [`RESCAN_AFTER`], so libraries it loads
+//! later are picked up. Processes seen in samples come before the rest of
+//! the start-up scan. Exited processes (and reused pids) are found every
+//! [`REAP_EVERY`] and their references dropped, which lets their files'
+//! tables be evicted.
+//!
+//! When a sampled process's table does not fit under the cap even after
+//! evicting the tables no process maps, processes not sampled for
+//! [`IDLE_AFTER`] (or never: found by the start-up scan only) give theirs
+//! up, least recently sampled first; they are scanned again if they show up
+//! in a window.
 
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
@@ -30,6 +38,9 @@ use crate::symbolize::maps::{Backing, MapEntry, ProcMaps};
 pub const RESCAN_AFTER: Duration = Duration::from_secs(10);
 /// How often exited processes are looked for.
 pub const REAP_EVERY: Duration = Duration::from_secs(2);
+/// A process not sampled for this long may give up its tables to one that
+/// is.
+pub const IDLE_AFTER: Duration = Duration::from_secs(30);
 /// File identities remembered before the memo is cleared.
 const MAX_IDENTITIES: usize = 64 * 1024;
 
@@ -47,6 +58,9 @@ struct Process {
     /// Files whose tables it holds references to.
     files: Vec<FileKey>,
     scanned: Instant,
+    /// Last time it showed up in samples; `None`: only found by the
+    /// start-up scan.
+    sampled: Option<Instant>,
     /// Where its mappings are, when they are published.
     published: Option<UnwindProc>,
 }
@@ -95,19 +109,28 @@ impl<S: TableSink> Worker<S> {
         }
     }
 
+    /// The start-up scan of `pids` (busiest first), handling processes
+    /// seen in samples as they come in between.
+    pub(super) fn scan_initial(&mut self, mut pids: Vec<u32>, rx: &mpsc::Receiver<Msg>) {
+        let cpu: HashMap<u32, u64> = pids.iter().map(|&p| (p, cpu_ticks(p))).collect();
+        pids.sort_by_key(|p| std::cmp::Reverse(cpu[p]));
+        for pid in pids {
+            while let Ok(Msg::Observe(sampled)) = rx.try_recv() {
+                self.observe_all(&sampled);
+            }
+            if self.stopped() {
+                return;
+            }
+            self.observe(pid, false);
+        }
+    }
+
     /// Handles messages until the channel closes or `stop` is set.
     pub(super) fn run(&mut self, rx: mpsc::Receiver<Msg>) {
         let mut reaped = Instant::now();
         while !self.stopped() {
             match rx.recv_timeout(REAP_EVERY) {
-                Ok(Msg::Observe(pids)) => {
-                    for pid in pids {
-                        if self.stopped() {
-                            return;
-                        }
-                        self.observe(pid);
-                    }
-                }
+                Ok(Msg::Observe(pids)) => self.observe_all(&pids),
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
             }
@@ -118,21 +141,34 @@ impl<S: TableSink> Worker<S> {
         }
     }
 
+    fn observe_all(&mut self, sampled: &[u32]) {
+        for &pid in sampled {
+            if self.stopped() {
+                return;
+            }
+            self.observe(pid, true);
+        }
+    }
+
     pub fn stopped(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
     }
 
-    /// Scans `pid` unless it was scanned recently.
-    pub fn observe(&mut self, pid: u32) {
+    /// Scans `pid` unless it was scanned recently. `sampled`: it showed up
+    /// in samples (rather than in the start-up scan).
+    pub fn observe(&mut self, pid: u32, sampled: bool) {
         if pid == 0 {
             return;
         }
-        if let Some(p) = self.processes.get(&pid) {
+        if let Some(p) = self.processes.get_mut(&pid) {
+            if sampled {
+                p.sampled = Some(Instant::now());
+            }
             if p.scanned.elapsed() < RESCAN_AFTER {
                 return;
             }
         }
-        self.scan(pid);
+        self.scan(pid, sampled);
     }
 
     /// Drops processes that exited (or whose pid now names another).
@@ -168,7 +204,7 @@ impl<S: TableSink> Worker<S> {
         }
     }
 
-    fn scan(&mut self, pid: u32) {
+    fn scan(&mut self, pid: u32, sampled: bool) {
         let (Some(start_time), Ok(maps)) = (start_time(pid), ProcMaps::read(pid)) else {
             self.forget(pid);
             return;
@@ -186,9 +222,9 @@ impl<S: TableSink> Worker<S> {
                     kind: UNWIND_MAPPING_ANONYMOUS,
                     ..UnwindMapping::default()
                 },
-                Backing::Vdso => self.vdso_mapping(entry, &mut files),
+                Backing::Vdso => self.vdso_mapping(pid, sampled, entry, &mut files),
                 Backing::File { path, deleted, .. } => {
-                    self.file_mapping(pid, entry, path, *deleted, &mut files)
+                    self.file_mapping(pid, sampled, entry, path, *deleted, &mut files)
                 }
             };
             match mappings.last_mut() {
@@ -237,12 +273,18 @@ impl<S: TableSink> Worker<S> {
             }
             _ => {}
         }
+        let now = Instant::now();
+        let last_sampled = match self.processes.get(&pid) {
+            Some(p) if p.start_time == start_time => p.sampled,
+            _ => None,
+        };
         let old = self.processes.insert(
             pid,
             Process {
                 start_time,
                 files,
-                scanned: Instant::now(),
+                scanned: now,
+                sampled: if sampled { Some(now) } else { last_sampled },
                 published,
             },
         );
@@ -283,34 +325,96 @@ impl<S: TableSink> Worker<S> {
         Some(extent)
     }
 
-    fn vdso_mapping(&mut self, entry: &MapEntry, files: &mut Vec<FileKey>) -> UnwindMapping {
+    fn vdso_mapping(
+        &mut self,
+        pid: u32,
+        sampled: bool,
+        entry: &MapEntry,
+        files: &mut Vec<FileKey>,
+    ) -> UnwindMapping {
         let mut mapping = frame_pointers(entry);
-        let Some(vdso) = &self.vdso else {
+        // Taken out while the cache is borrowed; put back below.
+        let Some(vdso) = self.vdso.take() else {
             return mapping;
         };
         // A 32-bit process has another vDSO.
-        if (entry.end - entry.start) as usize != vdso.image.len() {
-            return mapping;
-        }
-        let (key, image) = (vdso.facts.key.clone(), &vdso.image);
-        let Some(bias) = vdso.facts.load_bias(entry.start, entry.offset) else {
-            return mapping;
-        };
-        match self.cache.acquire(&key, || UnwindTable::from_elf(image)) {
-            Ok(file_use) => {
-                files.push(key);
-                set_use(&mut mapping, file_use, bias);
-            }
-            Err(_) => {
-                self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
+        if (entry.end - entry.start) as usize == vdso.image.len() {
+            if let Some(bias) = vdso.facts.load_bias(entry.start, entry.offset) {
+                let key = vdso.facts.key.clone();
+                let mut build = || UnwindTable::from_elf(&vdso.image);
+                if let Some(file_use) = self.acquire(pid, sampled, &key, &mut build) {
+                    files.push(key);
+                    set_use(&mut mapping, file_use, bias);
+                }
             }
         }
+        self.vdso = Some(vdso);
         mapping
+    }
+
+    /// The cache's [`TableCache::acquire`], making room for a sampled
+    /// process's table at the expense of idle processes; `None` when the
+    /// maps could not be written (counted).
+    fn acquire(
+        &mut self,
+        pid: u32,
+        sampled: bool,
+        key: &FileKey,
+        build: &mut dyn FnMut() -> Result<UnwindTable, TableError>,
+    ) -> Option<FileUse> {
+        loop {
+            let file_use = match self.cache.acquire(key, &mut *build) {
+                Ok(file_use) => file_use,
+                Err(_) => {
+                    self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
+                    return None;
+                }
+            };
+            if file_use != FileUse::NoRoom || !sampled {
+                return Some(file_use);
+            }
+            let Some(rows) = self.cache.rows_needed(key) else {
+                return Some(file_use);
+            };
+            // Idle processes give up their tables until it would fit.
+            let mut demoted = false;
+            while !self.cache.could_fit(rows) {
+                let Some(victim) = self.idle_process(pid) else {
+                    break;
+                };
+                self.forget(victim);
+                self.counters
+                    .processes_demoted
+                    .fetch_add(1, Ordering::Relaxed);
+                demoted = true;
+            }
+            if !demoted || !self.cache.could_fit(rows) {
+                return Some(file_use);
+            }
+            // Try again (the reference just taken is given back first).
+            self.cache.release(key);
+        }
+    }
+
+    /// The published process, other than `except`, least worth keeping:
+    /// never sampled, or sampled longest ago (and not within
+    /// [`IDLE_AFTER`]).
+    fn idle_process(&self, except: u32) -> Option<u32> {
+        self.processes
+            .iter()
+            .filter(|&(&pid, p)| {
+                pid != except
+                    && p.published.is_some()
+                    && p.sampled.is_none_or(|t| t.elapsed() >= IDLE_AFTER)
+            })
+            .min_by_key(|(_, p)| p.sampled)
+            .map(|(&pid, _)| pid)
     }
 
     fn file_mapping(
         &mut self,
         pid: u32,
+        sampled: bool,
         entry: &MapEntry,
         path: &str,
         deleted: bool,
@@ -348,6 +452,7 @@ impl<S: TableSink> Worker<S> {
                     return mapping;
                 };
                 let facts = ElfFacts::of(&file);
+                tracing::debug!(pid, path, file = %facts.key, "mapped file");
                 if self.identities.len() >= MAX_IDENTITIES {
                     self.identities.clear();
                 }
@@ -359,21 +464,16 @@ impl<S: TableSink> Worker<S> {
         let Some(bias) = facts.load_bias(entry.start, entry.offset) else {
             return mapping;
         };
-        let build = || {
-            let data = match opened {
+        let mut build = || {
+            let data = match opened.take() {
                 Some(data) => data,
                 None => map_file(&open_path).map_err(TableError::Io)?,
             };
             UnwindTable::from_elf(&data)
         };
-        match self.cache.acquire(&facts.key, build) {
-            Ok(file_use) => {
-                files.push(facts.key);
-                set_use(&mut mapping, file_use, bias);
-            }
-            Err(_) => {
-                self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
-            }
+        if let Some(file_use) = self.acquire(pid, sampled, &facts.key, &mut build) {
+            files.push(facts.key);
+            set_use(&mut mapping, file_use, bias);
         }
         mapping
     }
@@ -422,6 +522,24 @@ fn map_file(path: &str) -> std::io::Result<memmap2::Mmap> {
     unsafe { memmap2::Mmap::map(&file) }
 }
 
+/// CPU time (user + system, clock ticks) `pid` has used; 0 when unknown.
+fn cpu_ticks(pid: u32) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    let Some(after_comm) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+        return 0;
+    };
+    let mut fields = after_comm.split_whitespace().skip(11);
+    let mut next = || {
+        fields
+            .next()
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    next() + next()
+}
+
 /// Every process id in /proc.
 pub fn all_pids() -> Vec<u32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
@@ -466,7 +584,7 @@ mod tests {
     fn own_process_is_published_with_libc_and_the_vdso() {
         let mut w = worker(UnwindMode::Dwarf);
         let me = std::process::id();
-        w.observe(me);
+        w.observe(me, true);
         let mappings = w.cache.sink_mut().process_mappings(me).expect("published");
         assert!(mappings.windows(2).all(|p| p[0].end <= p[1].start));
         // The address of a libc function is in a table mapping, and the
@@ -487,9 +605,9 @@ mod tests {
         assert!(stats.files_built >= 2, "{stats:?}");
         assert_eq!(stats.processes_loaded, 1);
         // A second scan soon after is skipped; a forced one reuses tables.
-        w.observe(me);
+        w.observe(me, true);
         assert_eq!(w.counters.snapshot().processes_scanned, 1);
-        w.scan(me);
+        w.scan(me, true);
         assert_eq!(w.counters.snapshot().files_built, stats.files_built);
         assert_eq!(w.counters.snapshot().processes_loaded, 1);
     }
@@ -502,7 +620,7 @@ mod tests {
             .spawn()
             .unwrap();
         let pid = child.id();
-        w.observe(pid);
+        w.observe(pid, false);
         assert!(w.cache.sink_mut().processes.contains_key(&pid));
         child.kill().unwrap();
         child.wait().unwrap();
