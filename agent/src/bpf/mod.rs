@@ -336,10 +336,13 @@ mod tests {
                 })
                 .fold((0, 0), |(n, ns), (c, b)| (n + c, ns + b))
         };
-        assert_eq!(
-            blocked(short),
-            (0, 0),
-            "2 ms waits are under the 10 ms minimum"
+        // A 2 ms sleep is under the 10 ms minimum, unless a busy machine
+        // keeps the woken thread off CPU past it: then the wait really was
+        // that long. Every recorded wait is at least the minimum.
+        let (short_waits, short_ns) = blocked(short);
+        assert!(
+            short_waits <= 4 && short_ns >= short_waits * 10_000_000,
+            "2 ms waits recorded: {short_waits} waits, {short_ns} ns: {st:?}"
         );
         let (waits, ns) = blocked(long);
         assert_eq!(waits, 15, "{st:?}");
