@@ -37,6 +37,8 @@ pub mod names {
     pub const FILTER_BY_PID: &str = "FILTER_BY_PID";
     /// Unwind tables: rows of every loaded file, [`crate::UnwindRow`].
     pub const UNWIND_ROWS: &str = "UNWIND_ROWS";
+    /// Unwind tables: page indexes of every loaded file, [`crate::UnwindPage`].
+    pub const UNWIND_PAGES: &str = "UNWIND_PAGES";
     /// Unwind tables: where each file's rows are, [`crate::UnwindFile`].
     pub const UNWIND_FILES: &str = "UNWIND_FILES";
     /// Unwind tables: executable mappings of every loaded process, one
@@ -369,6 +371,8 @@ pub const UNWIND_MAPPING_SEARCH_STEPS: usize = 7;
 /// rows takes this many steps' log2.
 pub const UNWIND_MAX_FILE_ROWS: u32 = 1 << UNWIND_ROW_SEARCH_STEPS;
 pub const UNWIND_ROW_SEARCH_STEPS: usize = 22;
+/// Code bytes per page index entry: 2^10, a few rows each.
+pub const UNWIND_PAGE_SHIFT: u32 = 10;
 
 /// [`UnwindRow::rule`] low nibble: no call frame information covers this
 /// address (a gap between functions); frame pointers are tried.
@@ -425,12 +429,31 @@ pub struct UnwindRow {
     pub fp_offset: i8,
 }
 
-/// Where one file's rows are in `UNWIND_ROWS`.
+/// Where one file's rows are in `UNWIND_ROWS`, and its page index in
+/// `UNWIND_PAGES`.
+///
+/// The page index narrows the binary search to the few rows that can be in
+/// force in one page of code (see [`UnwindPage`]).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct UnwindFile {
     pub rows_start: u32,
     pub rows_len: u32,
+    pub pages_start: u32,
+    /// 0: no index; the search covers every row.
+    pub pages_len: u32,
+}
+
+/// Page index entry `i` of a file: the rows that can be in force in its
+/// table-relative addresses `[i << UNWIND_PAGE_SHIFT, (i + 1) <<
+/// UNWIND_PAGE_SHIFT)`, `count` rows from row `first` (the row in force at
+/// the page's start, and those starting in the page). Eight bytes, as array
+/// map elements are.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UnwindPage {
+    pub first: u32,
+    pub count: u32,
 }
 
 /// One executable mapping of a process.
@@ -466,6 +489,7 @@ mod pod {
     unsafe impl aya::Pod for super::BlockedThread {}
     unsafe impl aya::Pod for super::UnwindRow {}
     unsafe impl aya::Pod for super::UnwindFile {}
+    unsafe impl aya::Pod for super::UnwindPage {}
     unsafe impl aya::Pod for super::UnwindMapping {}
     unsafe impl aya::Pod for super::UnwindProc {}
 }
@@ -477,7 +501,8 @@ const _: () = assert!(core::mem::size_of::<Stack>() == 4 + 4 + 8 * MAX_USER_FRAM
 const _: () = assert!(core::mem::size_of::<SampleCount>() == 8 + 8 + 8);
 const _: () = assert!(core::mem::size_of::<BlockedThread>() == 8 * 4 + 4 * 4 + 16);
 const _: () = assert!(core::mem::size_of::<UnwindRow>() == 8);
-const _: () = assert!(core::mem::size_of::<UnwindFile>() == 8);
+const _: () = assert!(core::mem::size_of::<UnwindFile>() == 16);
+const _: () = assert!(core::mem::size_of::<UnwindPage>() == 8);
 const _: () = assert!(core::mem::size_of::<UnwindMapping>() == 8 * 3 + 4 * 2);
 const _: () = assert!(core::mem::size_of::<UnwindProc>() == 8);
 const _: () = assert!(1 << UNWIND_MAPPING_SEARCH_STEPS == UNWIND_MAX_MAPPINGS);

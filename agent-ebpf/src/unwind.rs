@@ -22,10 +22,10 @@ use hearth_ebpf::{
     Stack, Stat, UnwindMapping, UnwindProc, UnwindRow, MAX_USER_FRAMES, STACK_TRUNCATED,
     UNWIND_CFA_END, UNWIND_CFA_FP, UNWIND_CFA_MASK, UNWIND_CFA_NONE, UNWIND_CFA_PLT,
     UNWIND_CFA_SIGNAL, UNWIND_CFA_SP, UNWIND_MAPPING_ANONYMOUS, UNWIND_MAPPING_SEARCH_STEPS,
-    UNWIND_MAPPING_TABLE, UNWIND_MAX_MAPPINGS, UNWIND_ROW_SEARCH_STEPS,
+    UNWIND_MAPPING_TABLE, UNWIND_MAX_MAPPINGS, UNWIND_PAGE_SHIFT, UNWIND_ROW_SEARCH_STEPS,
 };
 
-use crate::maps::{count, SCRATCH_STACK, UNWIND_FILES, UNWIND_MAPPINGS, UNWIND_ROWS};
+use crate::maps::{count, SCRATCH_STACK, UNWIND_FILES, UNWIND_MAPPINGS, UNWIND_PAGES, UNWIND_ROWS};
 use crate::stack::{frameless_return_address, mix, nonzero, UserRegs, USER_SEED};
 
 /// The walk's registers and output, shared with the per-frame callback.
@@ -289,16 +289,31 @@ fn find_row(mapping: &UnwindMapping, pc: u64) -> Option<UnwindRow> {
     if relative > u32::MAX as u64 {
         return None;
     }
+    // The page index narrows the search to the rows of this page.
+    let page = (relative >> UNWIND_PAGE_SHIFT) as u32;
+    let (first, end) = if page < file.pages_len {
+        let entry = UNWIND_PAGES.get(file.pages_start.wrapping_add(page))?;
+        (
+            entry.first,
+            entry.first.wrapping_add(entry.count).min(file.rows_len),
+        )
+    } else {
+        (0, file.rows_len)
+    };
+    if first >= end {
+        return None;
+    }
     let below = search(
         row_search_step,
-        file.rows_start,
-        file.rows_len,
+        file.rows_start.wrapping_add(first),
+        end - first,
         relative,
         UNWIND_ROW_SEARCH_STEPS,
     );
     if below == 0 {
         return None;
     }
+    let below = first + below;
     let row = *UNWIND_ROWS.get(file.rows_start.wrapping_add(below - 1))?;
     (row.rule & UNWIND_CFA_MASK != UNWIND_CFA_NONE).then_some(row)
 }

@@ -226,10 +226,15 @@ fn peak_rss_kib() -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// Rows the row array holds for a cap of `bytes`.
-pub fn rows_for_memory(bytes: u64) -> u32 {
-    let row = std::mem::size_of::<hearth_ebpf::UnwindRow>() as u64;
-    (bytes.min(MAX_TABLE_MEMORY) / row).max(1) as u32
+/// Entries of the row array and of the page array for a cap of `bytes`:
+/// seven eighths for rows, one eighth for page indexes (an index is about
+/// 5% of its rows' size; one that does not fit is left out).
+pub fn arrays_for_memory(bytes: u64) -> (u32, u32) {
+    let bytes = bytes.min(MAX_TABLE_MEMORY);
+    let entry = 8; // UnwindRow and UnwindPage
+    let rows = (bytes / 8 * 7 / entry).max(1) as u32;
+    let pages = (bytes / 8 / entry).max(1) as u32;
+    (rows, pages)
 }
 
 enum Msg {
@@ -263,8 +268,19 @@ impl Unwinder {
     ) -> Result<Unwinder, UnwindError> {
         let counters = Arc::new(Counters::default());
         let sink = sink::BpfSink::take(ebpf)?;
-        let (capacity, mapping_capacity) = (sink.capacity(), sink.mapping_capacity());
-        let cache = cache::TableCache::new(sink, mode, capacity, FILE_SLOTS, counters.clone());
+        let (capacity, page_capacity, mapping_capacity) = (
+            sink.capacity(),
+            sink.page_capacity(),
+            sink.mapping_capacity(),
+        );
+        let cache = cache::TableCache::new(
+            sink,
+            mode,
+            capacity,
+            page_capacity,
+            FILE_SLOTS,
+            counters.clone(),
+        );
         let stop = Arc::new(AtomicBool::new(false));
         let mut worker =
             worker::Worker::new(cache, mapping_capacity, counters.clone(), stop.clone());
