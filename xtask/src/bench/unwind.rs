@@ -39,8 +39,6 @@ pub fn bench(hearth: &Path, dir: &Path) -> Result<()> {
     let qsort = build_c(dir, "qsort_cmp", "qsort_cmp")?;
     let rust = build_rust(dir, "rust_chain")?;
 
-    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1")
-        .context("enabling kernel.bpf_stats_enabled (needs root)")?;
     let mut text = String::new();
     let _ = writeln!(
         text,
@@ -57,7 +55,10 @@ pub fn bench(hearth: &Path, dir: &Path) -> Result<()> {
         ("cpu_split, frame pointers", &with_fp),
         ("cpu_split, no frame pointers", &no_fp),
     ] {
+        // Dropping the cleanup turns bpf_stats off again.
         let mut cleanup = Cleanup(Vec::new());
+        std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1")
+            .context("enabling kernel.bpf_stats_enabled (needs root)")?;
         let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
         for _ in 0..cpus {
             cleanup.0.push(Command::new(fixture).arg("3600").spawn()?);
@@ -80,7 +81,6 @@ pub fn bench(hearth: &Path, dir: &Path) -> Result<()> {
         }
         drop(cleanup);
     }
-    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0");
 
     let _ = writeln!(
         text,
