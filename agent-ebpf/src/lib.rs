@@ -183,12 +183,14 @@ pub enum Stat {
     /// programs were re-attached in between): dropped.
     OffCpuPendingStale,
     /// User stacks walked with unwind tables (the process's mappings are
-    /// loaded); the others are walked through frame pointers only.
+    /// loaded); the others are walked through frame pointers only. The
+    /// `Unwind*` counters below count walks with tables on (`--unwind
+    /// auto|dwarf`), loaded processes or not.
     UnwindTableWalks,
-    /// A table walk ended cleanly: the outermost frame (return address
+    /// A walk ended cleanly: the outermost frame (return address
     /// undefined), a zero return address or a null frame pointer.
     UnwindEndOfStack,
-    /// A table walk stopped at anonymous executable memory (JIT code).
+    /// A walk stopped at anonymous executable memory (JIT code).
     UnwindStopAnonymous,
     /// A pc outside every mapping loaded for its process (mapped after the
     /// process was scanned): the frame was walked through frame pointers.
@@ -200,10 +202,10 @@ pub enum Stat {
     UnwindFramePointerFrames,
     /// Signal frames unwound (through the `ucontext` on the stack).
     UnwindSignalFrames,
-    /// A table walk could not read the stack where a rule pointed.
+    /// A walk could not read the stack where a rule (or rbp) pointed.
     UnwindReadFault,
-    /// A table walk stopped at a rule it cannot evaluate, a CFA that does
-    /// not move up the stack, or a lost frame pointer.
+    /// A walk stopped at a rule it cannot evaluate, a CFA that does not
+    /// move up the stack, or a lost frame pointer.
     UnwindBadFrame,
 }
 
@@ -339,7 +341,8 @@ pub struct BlockedThread {
 // sorted array of `UnwindRow`s: from a row's `pc` up to the next row's, the
 // rule it holds says how to find the caller's frame. Every loaded file's
 // rows sit in one shared array map (`UNWIND_ROWS`), at the place the file's
-// `UnwindFile` names; a process's executable mappings, sorted, each with
+// `UnwindFile` names, with a page index (`UNWIND_PAGES`, one `UnwindPage`
+// per KiB of code) that narrows the search to a few rows; a process's executable mappings, sorted, each with
 // the file it maps and its load bias, sit likewise in `UNWIND_MAPPINGS`
 // where its `UnwindProc` says. The kernel walker binary-searches the
 // mapping, then the rows, per frame. Both searches go through array map

@@ -7,8 +7,9 @@
 //! [`UnwindRow`]. Rows are sorted, overlaps dropped (the first FDE to cover
 //! an address wins, `.eh_frame` before `.debug_frame`), gaps between
 //! functions get an explicit `UNWIND_CFA_NONE` row, and a row that repeats
-//! its predecessor's rule is left out. The format is documented in
-//! `agent-ebpf/src/lib.rs`.
+//! its predecessor's rule is left out. A page index (the rows that can be
+//! in force in each KiB of code) bounds the kernel's search. The format is
+//! documented in `agent-ebpf/src/lib.rs`.
 
 use std::collections::HashMap;
 
