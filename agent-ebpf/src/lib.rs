@@ -36,6 +36,8 @@ pub mod names {
     pub const FILTER_BY_PID: &str = "FILTER_BY_PID";
     /// Unwind tables: rows of every loaded file, [`crate::UnwindRow`].
     pub const UNWIND_ROWS: &str = "UNWIND_ROWS";
+    /// Unwind tables: page indexes of every loaded file, [`crate::UnwindPage`].
+    pub const UNWIND_PAGES: &str = "UNWIND_PAGES";
     /// Unwind tables: where each file's rows are, [`crate::UnwindFile`].
     pub const UNWIND_FILES: &str = "UNWIND_FILES";
     /// Unwind tables: executable mappings of every loaded process, one
@@ -194,12 +196,14 @@ pub enum Stat {
     /// programs were re-attached in between): dropped.
     OffCpuPendingStale,
     /// User stacks walked with unwind tables (the process's mappings are
-    /// loaded); the others are walked through frame pointers only.
+    /// loaded); the others are walked through frame pointers only. The
+    /// `Unwind*` counters below count walks with tables on (`--unwind
+    /// auto|dwarf`), loaded processes or not.
     UnwindTableWalks,
-    /// A table walk ended cleanly: the outermost frame (return address
+    /// A walk ended cleanly: the outermost frame (return address
     /// undefined), a zero return address or a null frame pointer.
     UnwindEndOfStack,
-    /// A table walk stopped at anonymous executable memory (JIT code).
+    /// A walk stopped at anonymous executable memory (JIT code).
     UnwindStopAnonymous,
     /// A pc outside every mapping loaded for its process (mapped after the
     /// process was scanned): the frame was walked through frame pointers.
@@ -211,10 +215,10 @@ pub enum Stat {
     UnwindFramePointerFrames,
     /// Signal frames unwound (through the `ucontext` on the stack).
     UnwindSignalFrames,
-    /// A table walk could not read the stack where a rule pointed.
+    /// A walk could not read the stack where a rule (or rbp) pointed.
     UnwindReadFault,
-    /// A table walk stopped at a rule it cannot evaluate, a CFA that does
-    /// not move up the stack, or a lost frame pointer.
+    /// A walk stopped at a rule it cannot evaluate, a CFA that does not
+    /// move up the stack, or a lost frame pointer.
     UnwindBadFrame,
 }
 
@@ -333,7 +337,8 @@ pub struct SampleCount {
 // sorted array of `UnwindRow`s: from a row's `pc` up to the next row's, the
 // rule it holds says how to find the caller's frame. Every loaded file's
 // rows sit in one shared array map (`UNWIND_ROWS`), at the place the file's
-// `UnwindFile` names; a process's executable mappings, sorted, each with
+// `UnwindFile` names, with a page index (`UNWIND_PAGES`, one `UnwindPage`
+// per KiB of code) that narrows the search to a few rows; a process's executable mappings, sorted, each with
 // the file it maps and its load bias, sit likewise in `UNWIND_MAPPINGS`
 // where its `UnwindProc` says. The kernel walker binary-searches the
 // mapping, then the rows, per frame. Both searches go through array map
@@ -365,6 +370,8 @@ pub const UNWIND_MAPPING_SEARCH_STEPS: usize = 7;
 /// rows takes this many steps' log2.
 pub const UNWIND_MAX_FILE_ROWS: u32 = 1 << UNWIND_ROW_SEARCH_STEPS;
 pub const UNWIND_ROW_SEARCH_STEPS: usize = 22;
+/// Code bytes per page index entry: 2^10, a few rows each.
+pub const UNWIND_PAGE_SHIFT: u32 = 10;
 
 /// [`UnwindRow::rule`] low nibble: no call frame information covers this
 /// address (a gap between functions); frame pointers are tried.
@@ -421,12 +428,31 @@ pub struct UnwindRow {
     pub fp_offset: i8,
 }
 
-/// Where one file's rows are in `UNWIND_ROWS`.
+/// Where one file's rows are in `UNWIND_ROWS`, and its page index in
+/// `UNWIND_PAGES`.
+///
+/// The page index narrows the binary search to the few rows that can be in
+/// force in one page of code (see [`UnwindPage`]).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct UnwindFile {
     pub rows_start: u32,
     pub rows_len: u32,
+    pub pages_start: u32,
+    /// 0: no index; the search covers every row.
+    pub pages_len: u32,
+}
+
+/// Page index entry `i` of a file: the rows that can be in force in its
+/// table-relative addresses `[i << UNWIND_PAGE_SHIFT, (i + 1) <<
+/// UNWIND_PAGE_SHIFT)`, `count` rows from row `first` (the row in force at
+/// the page's start, and those starting in the page). Eight bytes, as array
+/// map elements are.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UnwindPage {
+    pub first: u32,
+    pub count: u32,
 }
 
 /// One executable mapping of a process.
@@ -461,6 +487,7 @@ mod pod {
     unsafe impl aya::Pod for super::SampleCount {}
     unsafe impl aya::Pod for super::UnwindRow {}
     unsafe impl aya::Pod for super::UnwindFile {}
+    unsafe impl aya::Pod for super::UnwindPage {}
     unsafe impl aya::Pod for super::UnwindMapping {}
     unsafe impl aya::Pod for super::UnwindProc {}
 }
@@ -471,7 +498,8 @@ const _: () = assert!(core::mem::size_of::<SampleKey>() == 4 + 4 + 8 + 8 + 4 + 4
 const _: () = assert!(core::mem::size_of::<Stack>() == 4 + 4 + 8 * MAX_USER_FRAMES);
 const _: () = assert!(core::mem::size_of::<SampleCount>() == 8 + 8 + 8);
 const _: () = assert!(core::mem::size_of::<UnwindRow>() == 8);
-const _: () = assert!(core::mem::size_of::<UnwindFile>() == 8);
+const _: () = assert!(core::mem::size_of::<UnwindFile>() == 16);
+const _: () = assert!(core::mem::size_of::<UnwindPage>() == 8);
 const _: () = assert!(core::mem::size_of::<UnwindMapping>() == 8 * 3 + 4 * 2);
 const _: () = assert!(core::mem::size_of::<UnwindProc>() == 8);
 const _: () = assert!(1 << UNWIND_MAPPING_SEARCH_STEPS == UNWIND_MAX_MAPPINGS);

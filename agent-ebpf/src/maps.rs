@@ -15,8 +15,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, StackTrace},
 };
 use hearth_ebpf::{
-    SampleCount, SampleKey, Stack, Stat, UnwindFile, UnwindMapping, UnwindProc, UnwindRow,
-    CONTROL_ACTIVE_WINDOW, CONTROL_ENTRIES, UNWIND_MAPPING_ENTRIES,
+    SampleCount, SampleKey, Stack, Stat, UnwindFile, UnwindMapping, UnwindPage, UnwindProc,
+    UnwindRow, CONTROL_ACTIVE_WINDOW, CONTROL_ENTRIES, UNWIND_MAPPING_ENTRIES,
 };
 
 /// `CONTROL[CONTROL_ACTIVE_WINDOW]`: the window (0 or 1) programs write to.
@@ -66,6 +66,10 @@ pub static KERNEL_STACKS_1: StackTrace = StackTrace::with_max_entries(4096, 0);
 /// memory cap.
 #[map]
 pub static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+/// Page indexes of the loaded files (see `hearth_ebpf::UnwindFile`),
+/// written like `UNWIND_ROWS`; userspace sizes it.
+#[map]
+pub static UNWIND_PAGES: Array<UnwindPage> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 /// Where each loaded file's rows are in `UNWIND_ROWS`.
 #[map]
 pub static UNWIND_FILES: Array<UnwindFile> = Array::with_max_entries(4096, 0);

@@ -1,8 +1,9 @@
 //! On-CPU sampling: a perf_event program on the CPU clock of every CPU.
 //!
-//! Per sample it records the user stack (walked through frame pointers,
-//! deduplicated by hash into the window's `STACKS` map) and, only when the
-//! sample interrupted kernel mode, the kernel stack. Counts are aggregated
+//! Per sample it records the user stack (walked with unwind tables or
+//! frame pointers, see `stack.rs`; deduplicated by hash into the window's
+//! `STACKS` map) and, only when the sample interrupted kernel mode, the
+//! kernel stack. Counts are aggregated
 //! in the window's `COUNTS` map, so the common case sends nothing to
 //! userspace.
 

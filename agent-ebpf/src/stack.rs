@@ -148,16 +148,28 @@ fn follows_call(candidate: u64, sp: u64) -> Option<u64> {
 /// stopped at a system call instruction, usually inside a C library
 /// wrapper (see [`syscall_caller`]).
 ///
-/// Processes whose mappings userspace loaded are walked with unwind tables
-/// (`unwind.rs`); the others through frame pointers.
+/// With unwind tables on (`--unwind auto|dwarf`), every stack goes through
+/// the table walker (`unwind.rs`), which walks the frames of code without
+/// a table through frame pointers; with `--unwind fp`, through the
+/// frame-pointer walker below.
 #[inline(always)]
 pub fn walk_user_stack(regs: &UserRegs, slot: u32, at_syscall: bool) -> u64 {
     if unwind_tables() {
         let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
         // SAFETY: a plain-data value the map returned, copied at once.
-        if let Some(process) = unsafe { UNWIND_PROCS.get(&tgid) } {
-            return crate::unwind::walk_with_tables(regs, slot, *process);
-        }
+        let process = unsafe { UNWIND_PROCS.get(&tgid) }
+            .copied()
+            .unwrap_or_default();
+        // The library's table unwinds its wrapper when the process is
+        // loaded; without tables the scan is the best guess.
+        let leaf_hint = if at_syscall && process.len == 0 {
+            syscall_caller(regs.sp, regs.fp)
+                .or_else(|| frameless_return_address(regs.sp))
+                .unwrap_or(0)
+        } else {
+            0
+        };
+        return crate::unwind::walk_with_tables(regs, slot, process, leaf_hint);
     }
     walk_frame_pointers(regs, slot, at_syscall)
 }

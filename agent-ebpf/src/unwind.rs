@@ -22,10 +22,10 @@ use hearth_ebpf::{
     Stack, Stat, UnwindMapping, UnwindProc, UnwindRow, MAX_USER_FRAMES, STACK_TRUNCATED,
     UNWIND_CFA_END, UNWIND_CFA_FP, UNWIND_CFA_MASK, UNWIND_CFA_NONE, UNWIND_CFA_PLT,
     UNWIND_CFA_SIGNAL, UNWIND_CFA_SP, UNWIND_MAPPING_ANONYMOUS, UNWIND_MAPPING_SEARCH_STEPS,
-    UNWIND_MAPPING_TABLE, UNWIND_MAX_MAPPINGS, UNWIND_ROW_SEARCH_STEPS,
+    UNWIND_MAPPING_TABLE, UNWIND_MAX_MAPPINGS, UNWIND_PAGE_SHIFT, UNWIND_ROW_SEARCH_STEPS,
 };
 
-use crate::maps::{count, SCRATCH_STACK, UNWIND_FILES, UNWIND_MAPPINGS, UNWIND_ROWS};
+use crate::maps::{count, SCRATCH_STACK, UNWIND_FILES, UNWIND_MAPPINGS, UNWIND_PAGES, UNWIND_ROWS};
 use crate::stack::{frameless_return_address, mix, nonzero, UserRegs, USER_SEED};
 
 /// The walk's registers and output, shared with the per-frame callback.
@@ -41,6 +41,9 @@ struct Walk {
     /// see grow lets it find the loop's states equal after one frame,
     /// instead of verifying every depth.
     stack: *mut Stack,
+    /// The interrupted function's caller, if known before the walk (0:
+    /// not).
+    leaf_hint: u64,
     /// `pc` is the address of the next instruction to run (the interrupted
     /// pc, or one a signal frame restored), not a return address: look it
     /// up as it is rather than the call instruction before it.
@@ -54,16 +57,21 @@ struct Walk {
 /// `process` into scratch slot `slot`; returns the stack's hash (never 0),
 /// or 0 when the scratch slot is missing.
 ///
-/// Unlike the frame-pointer walker, this one does not scan for the caller
-/// of a C library system call wrapper: the library's table unwinds it. (A
-/// library without a table gets the frameless-leaf check only.)
+/// A process without tables (`process.len` 0: not loaded yet, or nothing
+/// a table helps with) is walked the same way, every frame through its
+/// frame pointer; the program then holds one walker, which the verifier
+/// checks in a fraction of the time the unrolled frame-pointer walker
+/// takes. `leaf_hint`: the interrupted function's caller, when the
+/// caller found it (see `syscall_caller`), else 0.
 #[inline(always)]
-pub fn walk_with_tables(regs: &UserRegs, slot: u32, process: UnwindProc) -> u64 {
+pub fn walk_with_tables(regs: &UserRegs, slot: u32, process: UnwindProc, leaf_hint: u64) -> u64 {
     let Some(stack) = SCRATCH_STACK.get_ptr_mut(slot) else {
         count(Stat::MapLookupFailed);
         return 0;
     };
-    count(Stat::UnwindTableWalks);
+    if process.len != 0 {
+        count(Stat::UnwindTableWalks);
+    }
     // SAFETY: per-CPU scratch slot, not shared with anyone while we run.
     unsafe {
         (*stack).ips[0] = regs.ip;
@@ -77,6 +85,7 @@ pub fn walk_with_tables(regs: &UserRegs, slot: u32, process: UnwindProc) -> u64 
         hash: mix(USER_SEED ^ regs.ip),
         process,
         stack,
+        leaf_hint,
         exact: 1,
         ended: 0,
     };
@@ -135,6 +144,7 @@ fn unwind_frame(walk: &mut Walk) -> Next {
     // One call site per kind of step keeps the code (and what the
     // verifier walks through) small.
     let row = match find_mapping(&walk.process, lookup) {
+        None if walk.process.len == 0 => None,
         None => {
             count(Stat::UnwindNoMapping);
             None
@@ -254,6 +264,9 @@ fn search(
 #[inline(always)]
 fn find_mapping(process: &UnwindProc, pc: u64) -> Option<UnwindMapping> {
     let n = process.len.min(UNWIND_MAX_MAPPINGS as u32);
+    if n == 0 {
+        return None;
+    }
     let below = search(
         mapping_search_step,
         process.start,
@@ -276,16 +289,31 @@ fn find_row(mapping: &UnwindMapping, pc: u64) -> Option<UnwindRow> {
     if relative > u32::MAX as u64 {
         return None;
     }
+    // The page index narrows the search to the rows of this page.
+    let page = (relative >> UNWIND_PAGE_SHIFT) as u32;
+    let (first, end) = if page < file.pages_len {
+        let entry = UNWIND_PAGES.get(file.pages_start.wrapping_add(page))?;
+        (
+            entry.first,
+            entry.first.wrapping_add(entry.count).min(file.rows_len),
+        )
+    } else {
+        (0, file.rows_len)
+    };
+    if first >= end {
+        return None;
+    }
     let below = search(
         row_search_step,
-        file.rows_start,
-        file.rows_len,
+        file.rows_start.wrapping_add(first),
+        end - first,
         relative,
         UNWIND_ROW_SEARCH_STEPS,
     );
     if below == 0 {
         return None;
     }
+    let below = first + below;
     let row = *UNWIND_ROWS.get(file.rows_start.wrapping_add(below - 1))?;
     (row.rule & UNWIND_CFA_MASK != UNWIND_CFA_NONE).then_some(row)
 }
@@ -419,7 +447,12 @@ fn frame_pointer_step(walk: &mut Walk) -> Next {
     // address comes before the one `rbp` leads to (see stack.rs).
     // SAFETY: the per-CPU scratch stack the walk was given.
     if unsafe { (*walk.stack).len } == 1 {
-        if let Some(leaf) = frameless_return_address(walk.sp) {
+        let leaf = if walk.leaf_hint != 0 {
+            Some(walk.leaf_hint)
+        } else {
+            frameless_return_address(walk.sp)
+        };
+        if let Some(leaf) = leaf {
             if leaf != ret {
                 count(Stat::FramelessCallerRecovered);
                 if let Next::Full = push(walk, leaf) {

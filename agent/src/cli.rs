@@ -38,6 +38,17 @@ pub enum Command {
     /// CI gate: exit 1 when a function's share passes its budget or grows
     /// more than allowed between BASE and NEW.
     Check(CheckArgs),
+    /// Build the unwind table of ELF files and print its size, the time it
+    /// took and the memory it needed (diagnostics and benchmarks).
+    #[command(hide = true)]
+    UnwindTable(UnwindTableArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct UnwindTableArgs {
+    /// ELF executables or shared libraries.
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -867,6 +867,34 @@ mod tests {
     }
 
     #[test]
+    fn unwind_options_resolve_print_and_check() {
+        let defaults = Config::resolve(&RunOptions::default()).unwrap();
+        assert_eq!(defaults.unwind, UnwindMode::Auto);
+        assert_eq!(defaults.unwind_memory, 16 << 20);
+        let set = Config::resolve(&RunOptions {
+            unwind: Some(UnwindMode::Dwarf),
+            unwind_memory: Some(ByteSize(64 << 20)),
+            ..RunOptions::default()
+        })
+        .unwrap();
+        assert_eq!(
+            (set.unwind, set.unwind_memory),
+            (UnwindMode::Dwarf, 64 << 20)
+        );
+        let text = set.to_toml();
+        assert!(text.contains("unwind = \"dwarf\""), "{text}");
+        let printed: RunOptions = toml::from_str(&text).unwrap();
+        assert_eq!(Config::resolve(&printed).unwrap(), set);
+        let err = Config::resolve(&RunOptions {
+            unwind_memory: Some(ByteSize(1 << 30)),
+            ..RunOptions::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("unwind-memory"), "{err}");
+        assert!(toml::from_str::<RunOptions>("unwind = \"frames\"").is_err());
+    }
+
+    #[test]
     fn off_cpu_options_resolve_and_check() {
         let off = Config::resolve(&RunOptions::default()).unwrap();
         assert_eq!(off.off_cpu, None);

@@ -81,6 +81,28 @@ fn main() -> ExitCode {
             Ok(false) => ExitCode::from(1),
             Err(e) => report_exit::<()>(Err(e)),
         },
+        Command::UnwindTable(args) => {
+            let mut code = ExitCode::SUCCESS;
+            for path in &args.files {
+                match hearth::unwind::build_report(path) {
+                    Ok(r) => println!(
+                        "{} rows={} bytes={} fdes={} frame_pointers={} build_ms={:.1} peak_kib={}",
+                        path.display(),
+                        r.rows,
+                        r.bytes,
+                        r.fdes,
+                        r.has_frame_pointers,
+                        r.build.as_secs_f64() * 1e3,
+                        r.peak_kib.map_or("?".to_string(), |k| k.to_string()),
+                    ),
+                    Err(e) => {
+                        eprintln!("hearth: error: {}: {e}", path.display());
+                        code = ExitCode::from(1);
+                    }
+                }
+            }
+            code
+        }
         Command::Flamegraph(args) => match hearth::report::flamegraph(&args) {
             Ok(summary) => {
                 eprintln!("hearth: {} samples", summary.samples);

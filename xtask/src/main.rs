@@ -33,8 +33,8 @@ enum Cmd {
         args: Vec<String>,
     },
     /// Overhead benchmarks (as root): `record` against perf and bpftrace,
-    /// `daemon` in steady state, `off-cpu` on a context-switch-heavy load;
-    /// all by default.
+    /// `daemon` in steady state, `off-cpu` on a context-switch-heavy load,
+    /// `unwind` tables against frame pointers; all by default.
     Bench { which: Option<bench::Which> },
     /// Formatting, lints, unit and integration tests (as root).
     Test {

@@ -140,10 +140,9 @@ impl Sampler {
         let tables = u8::from(opts.unwind != UnwindMode::Fp);
         loader.override_global(names::UNWIND_TABLES, &tables, true);
         if tables != 0 {
-            loader.map_max_entries(
-                names::UNWIND_ROWS,
-                unwind::rows_for_memory(opts.unwind_memory),
-            );
+            let (rows, pages) = unwind::arrays_for_memory(opts.unwind_memory);
+            loader.map_max_entries(names::UNWIND_ROWS, rows);
+            loader.map_max_entries(names::UNWIND_PAGES, pages);
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
 

@@ -236,7 +236,9 @@ mod tests {
             assert!(verified.iter().all(|&(_, n)| n > 0 && n < 1_000_000));
             if unwind == UnwindMode::Dwarf {
                 let u = sampler.unwind_stats().unwrap();
-                assert_eq!(u.capacity_bytes, MAX_TABLE_MEMORY);
+                // Rows and page indexes share the cap (up to rounding).
+                assert!(u.capacity_bytes <= MAX_TABLE_MEMORY);
+                assert!(u.capacity_bytes > MAX_TABLE_MEMORY - 64, "{u:?}");
                 assert_eq!(u.processes_loaded, 1, "{u:?}");
             } else {
                 assert!(sampler.unwind_stats().is_none());

@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use hearth_ebpf::{UnwindFile, UnwindMapping, UnwindProc, UnwindRow};
+use hearth_ebpf::{UnwindFile, UnwindMapping, UnwindPage, UnwindProc, UnwindRow};
 
 use super::elf::FileKey;
 use super::table::{TableError, UnwindTable};
@@ -25,6 +25,8 @@ use super::{Counters, UnwindError, UnwindMode};
 pub trait TableSink {
     /// Writes `rows` at index `start` of the row array.
     fn write_rows(&mut self, start: u32, rows: &[UnwindRow]) -> Result<(), UnwindError>;
+    /// Writes a page index at index `start` of the page array.
+    fn write_pages(&mut self, start: u32, pages: &[UnwindPage]) -> Result<(), UnwindError>;
     /// Points file slot `slot` at its rows.
     fn set_file(&mut self, slot: u32, file: UnwindFile) -> Result<(), UnwindError>;
     /// Writes process mappings at index `start` of the mapping array.
@@ -55,6 +57,9 @@ enum State {
         slot: u32,
         start: u32,
         len: u32,
+        /// Its page index: `pages` entries from `pages_start` (0: none).
+        pages_start: u32,
+        pages: u32,
         base: u64,
     },
     /// Its code keeps frame pointers (`auto` mode): no rows loaded.
@@ -138,6 +143,9 @@ pub struct TableCache<S> {
     mode: UnwindMode,
     capacity: u32,
     free: Extents,
+    /// Room in the page array; a table whose index does not fit is loaded
+    /// without one (searches then cover all its rows).
+    free_pages: Extents,
     free_slots: Vec<u32>,
     entries: HashMap<FileKey, Entry>,
     tick: u64,
@@ -145,23 +153,26 @@ pub struct TableCache<S> {
 }
 
 impl<S: TableSink> TableCache<S> {
-    /// A cache over a row array of `capacity` rows and `slots` file slots.
+    /// A cache over a row array of `capacity` rows, a page array of
+    /// `page_capacity` entries and `slots` file slots.
     pub fn new(
         sink: S,
         mode: UnwindMode,
         capacity: u32,
+        page_capacity: u32,
         slots: u32,
         counters: Arc<Counters>,
     ) -> Self {
         let free = Extents::new(capacity);
         counters
             .capacity_bytes
-            .store(u64::from(capacity) * ROW_BYTES, Ordering::Relaxed);
+            .store(loaded_bytes(capacity, page_capacity), Ordering::Relaxed);
         TableCache {
             sink,
             mode,
             capacity,
             free,
+            free_pages: Extents::new(page_capacity),
             // Popped from the back: lowest slot first.
             free_slots: (0..slots).rev().collect(),
             entries: HashMap::new(),
@@ -250,28 +261,46 @@ impl<S: TableSink> TableCache<S> {
             tracing::info!(file = %key, rows = len, "unwind table memory full: frame pointers for this file");
             return Ok(State::DidNotFit { rows: len });
         };
-        let written = self.sink.write_rows(start, &table.rows).and_then(|()| {
-            self.sink.set_file(
-                slot,
-                UnwindFile {
-                    rows_start: start,
-                    rows_len: len,
-                },
-            )
-        });
+        let pages = table.pages.len() as u32;
+        let pages_start = match self.free_pages.allocate(pages) {
+            Some(at) if pages > 0 => Some(at),
+            _ => None,
+        };
+        let (pages_start, pages) = pages_start.map_or((0, 0), |at| (at, pages));
+        let written = self
+            .sink
+            .write_rows(start, &table.rows)
+            .and_then(|()| match pages {
+                0 => Ok(()),
+                _ => self.sink.write_pages(pages_start, &table.pages),
+            })
+            .and_then(|()| {
+                self.sink.set_file(
+                    slot,
+                    UnwindFile {
+                        rows_start: start,
+                        rows_len: len,
+                        pages_start,
+                        pages_len: pages,
+                    },
+                )
+            });
         if let Err(e) = written {
             self.free.free(start, len);
+            self.free_pages.free(pages_start, pages);
             self.free_slots.push(slot);
             return Err(e);
         }
-        tracing::debug!(file = %key, rows = len, "unwind table loaded");
+        tracing::debug!(file = %key, rows = len, pages, "unwind table loaded");
         c.files_loaded.fetch_add(1, Ordering::Relaxed);
         c.table_bytes
-            .fetch_add(u64::from(len) * ROW_BYTES, Ordering::Relaxed);
+            .fetch_add(loaded_bytes(len, pages), Ordering::Relaxed);
         Ok(State::Loaded {
             slot,
             start,
             len,
+            pages_start,
+            pages,
             base: table.base,
         })
     }
@@ -331,19 +360,25 @@ impl<S: TableSink> TableCache<S> {
         };
         let entry = self.entries.remove(&key).expect("found above");
         if let State::Loaded {
-            slot, start, len, ..
+            slot,
+            start,
+            len,
+            pages_start,
+            pages,
+            ..
         } = entry.state
         {
             // No published process refers to the slot; clearing it only
             // makes a stale reference harmless.
             let _ = self.sink.set_file(slot, UnwindFile::default());
             self.free.free(start, len);
+            self.free_pages.free(pages_start, pages);
             self.free_slots.push(slot);
             let c = &self.counters;
             c.files_evicted.fetch_add(1, Ordering::Relaxed);
             c.files_loaded.fetch_sub(1, Ordering::Relaxed);
             c.table_bytes
-                .fetch_sub(u64::from(len) * ROW_BYTES, Ordering::Relaxed);
+                .fetch_sub(loaded_bytes(len, pages), Ordering::Relaxed);
             tracing::debug!(file = %key, rows = len, "unwind table evicted");
         }
         true
@@ -367,6 +402,11 @@ impl<S: TableSink> TableCache<S> {
 
 const ROW_BYTES: u64 = std::mem::size_of::<UnwindRow>() as u64;
 
+/// Kernel bytes of a loaded table: its rows and its page index.
+fn loaded_bytes(rows: u32, pages: u32) -> u64 {
+    u64::from(rows) * ROW_BYTES + u64::from(pages) * std::mem::size_of::<UnwindPage>() as u64
+}
+
 /// Gives memory freed after a build back to the system: building a large
 /// table allocates tens of MiB for a moment, which glibc would otherwise
 /// keep in this thread's arena (and in the agent's resident memory).
@@ -387,6 +427,7 @@ pub(super) mod tests {
     #[derive(Default)]
     pub struct FakeSink {
         pub rows: HashMap<u32, UnwindRow>,
+        pub pages: HashMap<u32, UnwindPage>,
         pub files: HashMap<u32, UnwindFile>,
         pub mappings: HashMap<u32, UnwindMapping>,
         pub processes: HashMap<u32, UnwindProc>,
@@ -408,6 +449,12 @@ pub(super) mod tests {
         fn write_rows(&mut self, start: u32, rows: &[UnwindRow]) -> Result<(), UnwindError> {
             for (i, row) in rows.iter().enumerate() {
                 self.rows.insert(start + i as u32, *row);
+            }
+            Ok(())
+        }
+        fn write_pages(&mut self, start: u32, pages: &[UnwindPage]) -> Result<(), UnwindError> {
+            for (i, page) in pages.iter().enumerate() {
+                self.pages.insert(start + i as u32, *page);
             }
             Ok(())
         }
@@ -438,6 +485,7 @@ pub(super) mod tests {
     fn table(rows: u32, tag: u8, frame_pointers: bool) -> UnwindTable {
         UnwindTable {
             base: 0x1000,
+            pages: vec![UnwindPage::default(); rows.div_ceil(256) as usize],
             rows: (0..rows)
                 .map(|i| UnwindRow {
                     pc: i * 4,
@@ -462,7 +510,14 @@ pub(super) mod tests {
     fn cache(mode: UnwindMode, capacity: u32) -> (TableCache<FakeSink>, Arc<Counters>) {
         let counters = Arc::new(Counters::default());
         (
-            TableCache::new(FakeSink::default(), mode, capacity, 8, counters.clone()),
+            TableCache::new(
+                FakeSink::default(),
+                mode,
+                capacity,
+                capacity,
+                8,
+                counters.clone(),
+            ),
             counters,
         )
     }
@@ -481,7 +536,9 @@ pub(super) mod tests {
         assert_eq!(file.rows_len, 10);
         assert_eq!(cache.sink.rows[&(file.rows_start + 3)].pc, 12);
         assert_eq!(counters.files_built.load(Ordering::Relaxed), 1);
-        assert_eq!(counters.table_bytes.load(Ordering::Relaxed), 80);
+        // 10 rows and a one-entry page index.
+        assert_eq!(counters.table_bytes.load(Ordering::Relaxed), 88);
+        assert_eq!(file.pages_len, 1);
     }
 
     #[test]

@@ -181,10 +181,60 @@ pub fn check_table_memory(bytes: u64) -> Result<u64, String> {
     }
 }
 
-/// Rows the row array holds for a cap of `bytes`.
-pub fn rows_for_memory(bytes: u64) -> u32 {
-    let row = std::mem::size_of::<hearth_ebpf::UnwindRow>() as u64;
-    (bytes.min(MAX_TABLE_MEMORY) / row).max(1) as u32
+/// What building one file's table took, for `hearth unwind-table`.
+#[derive(Debug, Clone)]
+pub struct BuildReport {
+    pub rows: usize,
+    pub bytes: usize,
+    pub fdes: usize,
+    pub has_frame_pointers: bool,
+    pub build: Duration,
+    /// Peak resident memory added while building (mapping the file and
+    /// the table), KiB; `None` when the kernel cannot say.
+    pub peak_kib: Option<u64>,
+}
+
+/// Builds `path`'s table as the unwinder does (the file mapped, the table
+/// built and dropped) and measures it.
+pub fn build_report(path: &std::path::Path) -> Result<BuildReport, table::TableError> {
+    // Resetting the high-water mark makes it measure this build alone.
+    let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
+    let before = peak_rss_kib();
+    let started = std::time::Instant::now();
+    let file = std::fs::File::open(path).map_err(table::TableError::Io)?;
+    // SAFETY: read-only private mapping of a file we only read.
+    let data = unsafe { memmap2::Mmap::map(&file) }.map_err(table::TableError::Io)?;
+    let table = table::UnwindTable::from_elf(&data)?;
+    let build = started.elapsed();
+    let peak_kib = match (reset, before, peak_rss_kib()) {
+        (true, Some(b), Some(a)) => Some(a.saturating_sub(b)),
+        _ => None,
+    };
+    Ok(BuildReport {
+        rows: table.rows.len(),
+        bytes: table.bytes(),
+        fdes: table.summary.fdes,
+        has_frame_pointers: table.has_frame_pointers(),
+        build,
+        peak_kib,
+    })
+}
+
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Entries of the row array and of the page array for a cap of `bytes`:
+/// seven eighths for rows, one eighth for page indexes (an index is about
+/// 5% of its rows' size; one that does not fit is left out).
+pub fn arrays_for_memory(bytes: u64) -> (u32, u32) {
+    let bytes = bytes.min(MAX_TABLE_MEMORY);
+    let entry = 8; // UnwindRow and UnwindPage
+    let rows = (bytes / 8 * 7 / entry).max(1) as u32;
+    let pages = (bytes / 8 / entry).max(1) as u32;
+    (rows, pages)
 }
 
 enum Msg {
@@ -218,8 +268,19 @@ impl Unwinder {
     ) -> Result<Unwinder, UnwindError> {
         let counters = Arc::new(Counters::default());
         let sink = sink::BpfSink::take(ebpf)?;
-        let (capacity, mapping_capacity) = (sink.capacity(), sink.mapping_capacity());
-        let cache = cache::TableCache::new(sink, mode, capacity, FILE_SLOTS, counters.clone());
+        let (capacity, page_capacity, mapping_capacity) = (
+            sink.capacity(),
+            sink.page_capacity(),
+            sink.mapping_capacity(),
+        );
+        let cache = cache::TableCache::new(
+            sink,
+            mode,
+            capacity,
+            page_capacity,
+            FILE_SLOTS,
+            counters.clone(),
+        );
         let stop = Arc::new(AtomicBool::new(false));
         let mut worker =
             worker::Worker::new(cache, mapping_capacity, counters.clone(), stop.clone());

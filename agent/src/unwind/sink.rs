@@ -10,13 +10,14 @@
 use std::os::fd::{AsFd, AsRawFd};
 
 use aya::maps::{Array, HashMap, Map, MapData};
-use hearth_ebpf::{names, UnwindFile, UnwindMapping, UnwindProc, UnwindRow};
+use hearth_ebpf::{names, UnwindFile, UnwindMapping, UnwindPage, UnwindProc, UnwindRow};
 
 use super::cache::TableSink;
 use super::UnwindError;
 
 pub struct BpfSink {
     rows: Mapped<UnwindRow>,
+    pages: Mapped<UnwindPage>,
     mappings: Mapped<UnwindMapping>,
     files: Array<MapData, UnwindFile>,
     processes: HashMap<MapData, u32, UnwindProc>,
@@ -26,6 +27,7 @@ impl BpfSink {
     pub fn take(ebpf: &mut aya::Ebpf) -> Result<Self, UnwindError> {
         let mut take = |name: &'static str| ebpf.take_map(name).ok_or(UnwindError::Missing(name));
         let rows = Mapped::new(take(names::UNWIND_ROWS)?, names::UNWIND_ROWS)?;
+        let pages = Mapped::new(take(names::UNWIND_PAGES)?, names::UNWIND_PAGES)?;
         let mappings = Mapped::new(take(names::UNWIND_MAPPINGS)?, names::UNWIND_MAPPINGS)?;
         let files =
             Array::try_from(take(names::UNWIND_FILES)?).map_err(map(names::UNWIND_FILES))?;
@@ -33,6 +35,7 @@ impl BpfSink {
             HashMap::try_from(take(names::UNWIND_PROCS)?).map_err(map(names::UNWIND_PROCS))?;
         Ok(BpfSink {
             rows,
+            pages,
             mappings,
             files,
             processes,
@@ -42,6 +45,11 @@ impl BpfSink {
     /// Rows the row array holds.
     pub fn capacity(&self) -> u32 {
         self.rows.len
+    }
+
+    /// Entries the page array holds.
+    pub fn page_capacity(&self) -> u32 {
+        self.pages.len
     }
 
     /// Entries the mapping array holds.
@@ -63,6 +71,10 @@ impl TableSink for BpfSink {
         self.files
             .set(slot, file, 0)
             .map_err(map(names::UNWIND_FILES))
+    }
+
+    fn write_pages(&mut self, start: u32, pages: &[UnwindPage]) -> Result<(), UnwindError> {
+        self.pages.write(start, pages)
     }
 
     fn write_mappings(
@@ -110,7 +122,9 @@ impl<T: Copy> Mapped<T> {
         let info = data.info().map_err(map_error(name))?;
         let len = info.max_entries();
         let row = std::mem::size_of::<T>();
-        if info.value_size() as usize != row {
+        // The kernel lays array elements out every round_up(size, 8)
+        // bytes; the types written here are multiples of 8.
+        if info.value_size() as usize != row || !row.is_multiple_of(8) {
             return Err(UnwindError::Missing(name));
         }
         let bytes = (len as usize * row).next_multiple_of(page_size());

@@ -7,8 +7,9 @@
 //! [`UnwindRow`]. Rows are sorted, overlaps dropped (the first FDE to cover
 //! an address wins, `.eh_frame` before `.debug_frame`), gaps between
 //! functions get an explicit `UNWIND_CFA_NONE` row, and a row that repeats
-//! its predecessor's rule is left out. The format is documented in
-//! `agent-ebpf/src/lib.rs`.
+//! its predecessor's rule is left out. A page index (the rows that can be
+//! in force in each KiB of code) bounds the kernel's search. The format is
+//! documented in `agent-ebpf/src/lib.rs`.
 
 use std::collections::HashMap;
 
@@ -17,9 +18,11 @@ use gimli::{
     LittleEndian, Register, RegisterRule, UnwindContext, UnwindOffset, UnwindSection,
     UnwindTableRow, X86_64,
 };
+use hearth_ebpf::UnwindPage;
 use hearth_ebpf::{
     UnwindRow, UNWIND_CFA_END, UNWIND_CFA_FP, UNWIND_CFA_MASK, UNWIND_CFA_NONE, UNWIND_CFA_PLT,
     UNWIND_CFA_SIGNAL, UNWIND_CFA_SP, UNWIND_CFA_UNSUPPORTED, UNWIND_FP_LOST, UNWIND_MAX_FILE_ROWS,
+    UNWIND_PAGE_SHIFT,
 };
 use object::{Object, ObjectSection};
 
@@ -157,6 +160,9 @@ pub struct UnwindTable {
     pub base: u64,
     /// Sorted by `pc`, strictly increasing; the last row is a gap row.
     pub rows: Vec<UnwindRow>,
+    /// Page index: entry `i` holds the rows that can be in force in page
+    /// `i` (see `hearth_ebpf::UnwindPage`).
+    pub pages: Vec<UnwindPage>,
     pub summary: TableSummary,
 }
 
@@ -271,6 +277,7 @@ impl UnwindTable {
         }
         Ok(UnwindTable {
             base: first.start,
+            pages: page_index(&rows),
             rows,
             summary,
         })
@@ -284,9 +291,11 @@ impl UnwindTable {
         for span in &spans {
             writer.span(span.start, span.end, span.rule.encode());
         }
+        let rows = writer.finish();
         Ok(UnwindTable {
             base,
-            rows: writer.finish(),
+            pages: page_index(&rows),
+            rows,
             summary,
         })
     }
@@ -295,13 +304,24 @@ impl UnwindTable {
     /// outside the table. The same search the kernel does.
     pub fn lookup(&self, address: u64) -> Option<Rule> {
         let relative = u32::try_from(address.checked_sub(self.base)?).ok()?;
-        let index = self.rows.partition_point(|r| r.pc <= relative);
-        decode(self.rows.get(index.checked_sub(1)?)?)
+        // As the kernel: the page index bounds the search.
+        let page = (relative >> UNWIND_PAGE_SHIFT) as usize;
+        let (first, end) = match self.pages.get(page) {
+            Some(p) => (
+                p.first as usize,
+                (p.first as usize + p.count as usize).min(self.rows.len()),
+            ),
+            None => (0, self.rows.len()),
+        };
+        let rows = self.rows.get(first..end)?;
+        let below = rows.partition_point(|r| r.pc <= relative);
+        decode(rows.get(below.checked_sub(1)?)?)
     }
 
-    /// Bytes the rows take in the kernel.
+    /// Bytes the rows and the page index take in the kernel.
     pub fn bytes(&self) -> usize {
         self.rows.len() * std::mem::size_of::<UnwindRow>()
+            + self.pages.len() * std::mem::size_of::<UnwindPage>()
     }
 
     /// The code was built with frame pointers: most functions that have a
@@ -312,6 +332,35 @@ impl UnwindTable {
         let s = &self.summary;
         s.framed_fdes > 0 && s.frame_pointer_fdes * 2 >= s.framed_fdes
     }
+}
+
+/// The page index of `rows` (sorted, starting at pc 0).
+fn page_index(rows: &[UnwindRow]) -> Vec<UnwindPage> {
+    let Some(last) = rows.last() else {
+        return Vec::new();
+    };
+    let pages = (last.pc >> UNWIND_PAGE_SHIFT) as usize + 1;
+    // first[i]: the row in force at the start of page i.
+    let mut first = Vec::with_capacity(pages + 1);
+    let mut row = 0usize;
+    for page in 0..pages {
+        let at = (page as u32) << UNWIND_PAGE_SHIFT;
+        while row + 1 < rows.len() && rows[row + 1].pc <= at {
+            row += 1;
+        }
+        first.push(row as u32);
+    }
+    (0..pages)
+        .map(|i| {
+            // Up to and including the row in force at the next page's
+            // start (it may start inside this page).
+            let end = first.get(i + 1).map_or(rows.len() as u32, |&next| next + 1);
+            UnwindPage {
+                first: first[i],
+                count: end - first[i],
+            }
+        })
+        .collect()
 }
 
 fn same_rule(a: &UnwindRow, b: &UnwindRow) -> bool {
@@ -683,6 +732,28 @@ mod tests {
         assert!(table.rows.windows(2).all(|w| w[0].pc < w[1].pc));
         assert!(table.rows.windows(2).all(|w| !same_rule(&w[0], &w[1])));
         assert_eq!(table.rows.last().unwrap().rule, UNWIND_CFA_NONE);
+        // Page i points at the row in force at i << shift.
+        for (i, page) in table.pages.iter().enumerate() {
+            let at = (i as u32) << UNWIND_PAGE_SHIFT;
+            let r = page.first as usize;
+            assert!(table.rows[r].pc <= at);
+            assert!(table.rows.get(r + 1).is_none_or(|next| next.pc > at));
+            // Every row starting in the page is among its rows.
+            let end = r + page.count as usize;
+            assert!(table.rows[end..]
+                .first()
+                .is_none_or(|next| next.pc >= at + (1 << UNWIND_PAGE_SHIFT)));
+        }
+        // Lookups through the index agree with a search of every row.
+        for row in table.rows.iter().step_by(7) {
+            for delta in [0u64, 1, 37] {
+                let address = table.base + u64::from(row.pc) + delta;
+                let relative = (address - table.base) as u32;
+                let full = table.rows.partition_point(|r| r.pc <= relative);
+                let expected = decode(&table.rows[full - 1]);
+                assert_eq!(table.lookup(address), expected, "at {address:#x}");
+            }
+        }
         // glibc is built without frame pointers.
         assert!(!table.has_frame_pointers(), "{:?}", table.summary);
     }

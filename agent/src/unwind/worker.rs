@@ -576,7 +576,14 @@ mod tests {
 
     fn worker(mode: UnwindMode) -> Worker<FakeSink> {
         let counters = Arc::new(Counters::default());
-        let cache = TableCache::new(FakeSink::default(), mode, 1 << 22, 64, counters.clone());
+        let cache = TableCache::new(
+            FakeSink::default(),
+            mode,
+            1 << 22,
+            1 << 20,
+            64,
+            counters.clone(),
+        );
         Worker::new(cache, 1024, counters, Arc::new(AtomicBool::new(false)))
     }
 
@@ -620,6 +627,15 @@ mod tests {
             .spawn()
             .unwrap();
         let pid = child.id();
+        // Scanned once it runs `sleep`, not half-way through exec.
+        let comm = format!("/proc/{pid}/comm");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::read_to_string(&comm).map_or(true, |c| c.trim() != "sleep")
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(50));
         w.observe(pid, false);
         assert!(w.cache.sink_mut().processes.contains_key(&pid));
         child.kill().unwrap();

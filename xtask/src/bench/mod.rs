@@ -1,11 +1,12 @@
-//! `cargo xtask bench [record|daemon|off-cpu]`: overhead measurements (as
-//! root).
+//! `cargo xtask bench [record|daemon|off-cpu|unwind]`: overhead
+//! measurements (as root).
 //! Each writes a Markdown table to `target/bench/<name>.md`; README quotes
 //! them.
 
 mod daemon;
 mod off_cpu;
 mod record;
+mod unwind;
 
 use anyhow::Result;
 
@@ -23,6 +24,9 @@ pub enum Which {
     /// a pipe ping-pong, BPF time per switch, agent CPU.
     #[value(name = "off-cpu")]
     OffCpu,
+    /// Unwind tables: BPF time per sample against frame pointers, table
+    /// build time and memory, table memory under a busy workload.
+    Unwind,
 }
 
 pub fn bench(which: Option<Which>) -> Result<()> {
@@ -37,6 +41,9 @@ pub fn bench(which: Option<Which>) -> Result<()> {
     }
     if which.is_none_or(|w| w == Which::Record) {
         record::bench(&hearth, &dir)?;
+    }
+    if which.is_none_or(|w| w == Which::Unwind) {
+        unwind::bench(&hearth, &dir)?;
     }
     Ok(())
 }
