@@ -5,9 +5,14 @@
 //! on these VMs the helper costs tens of µs per call, while a frame walk is
 //! one `bpf_probe_read_user` of 16 bytes per frame.
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
     bindings::pt_regs,
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, generated::bpf_task_pt_regs},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_probe_read_user,
+        generated::{bpf_loop, bpf_task_pt_regs},
+    },
 };
 use hearth_ebpf::{Stack, Stat, MAX_USER_FRAMES, STACK_TRUNCATED};
 
@@ -64,7 +69,11 @@ pub unsafe fn task_user_regs(task: *mut aya_ebpf::bindings::task_struct) -> Opti
 }
 
 /// The return address of an interrupted function that has no frame of its
-/// own, or `None`.
+/// own, or 0.
+///
+/// These scans return 0 for none rather than an `Option`: an unset
+/// Option's payload is undefined, and LLVM may copy it from a register
+/// never written, which the verifier rejects as an uninitialized read.
 ///
 /// Compilers omit the frame in leaf functions even with
 /// `-fno-omit-frame-pointer` (gcc does at -O2), and every function lacks it
@@ -74,12 +83,14 @@ pub unsafe fn task_user_regs(task: *mut aya_ebpf::bindings::task_struct) -> Opti
 /// bytes before it encode a call (`call rel32`, `call *disp32(%rip)`, or
 /// `call *%reg`), which a saved `rbp` or ordinary data almost never does.
 #[inline(always)]
-pub(crate) fn frameless_return_address(sp: u64) -> Option<u64> {
+pub(crate) fn frameless_return_address(sp: u64) -> u64 {
     if sp == 0 || sp & 7 != 0 {
-        return None;
+        return 0;
     }
-    let candidate: u64 = unsafe { bpf_probe_read_user(sp as *const u64) }.ok()?;
-    follows_call(candidate, sp)
+    match unsafe { bpf_probe_read_user(sp as *const u64) } {
+        Ok(candidate) => follows_call(candidate, sp),
+        Err(_) => 0,
+    }
 }
 
 /// Slots scanned above the stack pointer at a system call.
@@ -87,7 +98,7 @@ const SYSCALL_SCAN_CHUNKS: usize = 4;
 const SYSCALL_SCAN_CHUNK: usize = 8;
 
 /// The return address into the function that owns `fp`, for a thread
-/// stopped in a system call wrapper, or `None`.
+/// stopped in a system call wrapper, or 0.
 ///
 /// C libraries are built without frame pointers, so their wrappers (often
 /// a few calls deep: `nanosleep` → `clock_nanosleep`) leave `rbp` pointing
@@ -96,50 +107,83 @@ const SYSCALL_SCAN_CHUNK: usize = 8;
 /// the function itself. Its return address was pushed just below the
 /// library's frames, so the highest slot under `fp` that holds a return
 /// address (the bytes before it encode a call) is taken.
+///
+/// The chunks are scanned by a `bpf_loop` callback: unrolled, each slot's
+/// bounds checks narrow `sp` and `fp` differently on every path, and the
+/// verifier, unable to merge those states, took 400 k to 700 k instructions
+/// for the scan alone in the off-CPU programs.
 #[inline(always)]
-pub(crate) fn syscall_caller(sp: u64, fp: u64) -> Option<u64> {
+pub(crate) fn syscall_caller(sp: u64, fp: u64) -> u64 {
     if sp == 0 || sp & 7 != 0 || fp <= sp {
-        return None;
+        return 0;
     }
-    // 0 for none, not an Option: an unset Option's payload is undefined,
-    // and copying it is a read of an uninitialized register to the
-    // verifier.
-    let mut found = 0u64;
-    for chunk in 0..SYSCALL_SCAN_CHUNKS {
-        let base = sp + (chunk * SYSCALL_SCAN_CHUNK * 8) as u64;
-        if base >= fp {
-            break;
-        }
-        let Ok(slots) = (unsafe { bpf_probe_read_user(base as *const [u64; SYSCALL_SCAN_CHUNK]) })
-        else {
-            break;
-        };
-        for (i, &value) in slots.iter().enumerate() {
-            if base + (i as u64) * 8 >= fp {
-                break;
-            }
-            if let Some(ret) = follows_call(value, sp) {
-                found = ret;
-            }
-        }
+    let mut scan = SyscallScan { sp, fp, found: 0 };
+    // SAFETY: `scan_chunk` has the callback signature bpf_loop expects and
+    // only touches `scan`, which outlives the call.
+    unsafe {
+        bpf_loop(
+            SYSCALL_SCAN_CHUNKS as u32,
+            scan_chunk as *const () as *mut c_void,
+            &mut scan as *mut SyscallScan as *mut c_void,
+            0,
+        );
     }
-    (found != 0).then_some(found)
+    scan.found
 }
 
-/// `candidate` if it can be a return address: in user space, far from the
-/// stack, and right after a call instruction.
+/// The state of a [`syscall_caller`] scan; `found` is 0 for none.
+#[repr(C)]
+struct SyscallScan {
+    sp: u64,
+    fp: u64,
+    found: u64,
+}
+
+/// Scans chunk `index` above the stack pointer; 0 continues, 1 ends.
+#[inline(never)]
+unsafe extern "C" fn scan_chunk(index: u32, ctx: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop passes back the `SyscallScan` given to it.
+    let scan = unsafe { &mut *(ctx as *mut SyscallScan) };
+    let base = scan.sp + u64::from(index) * (SYSCALL_SCAN_CHUNK * 8) as u64;
+    if base >= scan.fp {
+        return 1;
+    }
+    let Ok(slots) = (unsafe { bpf_probe_read_user(base as *const [u64; SYSCALL_SCAN_CHUNK]) })
+    else {
+        return 1;
+    };
+    for (i, &value) in slots.iter().enumerate() {
+        if base + (i as u64) * 8 >= scan.fp {
+            return 1;
+        }
+        let ret = follows_call(value, scan.sp);
+        if ret != 0 {
+            scan.found = ret;
+        }
+    }
+    0
+}
+
+/// `candidate` if it can be a return address (in user space, far from the
+/// stack, and right after a call instruction), else 0.
 #[inline(always)]
-fn follows_call(candidate: u64, sp: u64) -> Option<u64> {
+fn follows_call(candidate: u64, sp: u64) -> u64 {
     const USER_TOP: u64 = 1 << 47;
     if candidate < 0x1000 || candidate >= USER_TOP || candidate.abs_diff(sp) < (1 << 24) {
-        return None;
+        return 0;
     }
     // before[k] is the byte at candidate - 8 + k.
-    let before: [u8; 8] = unsafe { bpf_probe_read_user((candidate - 8) as *const [u8; 8]) }.ok()?;
+    let Ok(before) = (unsafe { bpf_probe_read_user((candidate - 8) as *const [u8; 8]) }) else {
+        return 0;
+    };
     let call_rel32 = before[3] == 0xe8;
     let call_rip_indirect = before[2] == 0xff && before[3] == 0x15;
     let call_register = before[6] == 0xff && before[7] & 0xf8 == 0xd0;
-    (call_rel32 || call_rip_indirect || call_register).then_some(candidate)
+    if call_rel32 || call_rip_indirect || call_register {
+        candidate
+    } else {
+        0
+    }
 }
 
 /// Walks the user stack from `regs` (of the current task) into scratch slot
@@ -162,13 +206,13 @@ pub fn walk_user_stack(regs: &UserRegs, slot: u32, at_syscall: bool) -> u64 {
             .unwrap_or_default();
         // The library's table unwinds its wrapper when the process is
         // loaded; without tables the scan is the best guess.
-        let leaf_hint = if at_syscall && process.len == 0 {
-            syscall_caller(regs.sp, regs.fp)
-                .or_else(|| frameless_return_address(regs.sp))
-                .unwrap_or(0)
-        } else {
-            0
-        };
+        let mut leaf_hint = 0;
+        if at_syscall && process.len == 0 {
+            leaf_hint = syscall_caller(regs.sp, regs.fp);
+            if leaf_hint == 0 {
+                leaf_hint = frameless_return_address(regs.sp);
+            }
+        }
         return crate::unwind::walk_with_tables(regs, slot, process, leaf_hint);
     }
     walk_frame_pointers(regs, slot, at_syscall)
@@ -189,10 +233,13 @@ fn walk_frame_pointers(regs: &UserRegs, slot: u32, at_syscall: bool) -> u64 {
     let mut len = 1usize;
     let mut fp = regs.fp;
     let mut leaf_return = if at_syscall {
-        syscall_caller(regs.sp, regs.fp).or_else(|| frameless_return_address(regs.sp))
+        syscall_caller(regs.sp, regs.fp)
     } else {
-        frameless_return_address(regs.sp)
+        0
     };
+    if leaf_return == 0 {
+        leaf_return = frameless_return_address(regs.sp);
+    }
     let mut ended = false;
     for _ in 1..MAX_USER_FRAMES {
         // The frame chain ends at a null or misaligned pointer.
@@ -216,7 +263,8 @@ fn walk_frame_pointers(regs: &UserRegs, slot: u32, at_syscall: bool) -> u64 {
         }
         // The first frame: if the interrupted function had no frame, its
         // own return address comes before the one `rbp` leads to.
-        if let Some(leaf) = leaf_return.take() {
+        let leaf = core::mem::take(&mut leaf_return);
+        if leaf != 0 {
             if leaf != ret && len < MAX_USER_FRAMES {
                 stack.ips[len] = leaf;
                 hash = mix(hash ^ leaf);

@@ -448,11 +448,11 @@ fn frame_pointer_step(walk: &mut Walk) -> Next {
     // SAFETY: the per-CPU scratch stack the walk was given.
     if unsafe { (*walk.stack).len } == 1 {
         let leaf = if walk.leaf_hint != 0 {
-            Some(walk.leaf_hint)
+            walk.leaf_hint
         } else {
             frameless_return_address(walk.sp)
         };
-        if let Some(leaf) = leaf {
+        if leaf != 0 {
             if leaf != ret {
                 count(Stat::FramelessCallerRecovered);
                 if let Next::Full = push(walk, leaf) {
