@@ -23,6 +23,9 @@ pub mod names {
     /// Global: a switch-out is followed when `bpf_get_prandom_u32()` is
     /// below this; `u32::MAX` follows every switch.
     pub const OFF_CPU_SAMPLE_BELOW: &str = "OFF_CPU_SAMPLE_BELOW";
+    /// Global: non-zero when `off_cpu_syscall_exit` is attached (the
+    /// kernel has no `rseq_update` tracepoint); see agent-ebpf's off_cpu.rs.
+    pub const OFF_CPU_SYSCALL_EXIT: &str = "OFF_CPU_SYSCALL_EXIT";
     pub const CONTROL: &str = "CONTROL";
     pub const STATS: &str = "STATS";
     pub const PID_FILTER: &str = "PID_FILTER";

@@ -104,6 +104,12 @@ pub static OFF_CPU_MIN_NS: u64 = 1_000_000;
 #[unsafe(no_mangle)]
 pub static OFF_CPU_SAMPLE_BELOW: u32 = u32::MAX;
 
+/// Non-zero when `sys_exit` is attached to record the waits of threads
+/// blocked in system calls; zero when they all come back through
+/// `rseq_update` or are walked eagerly (see off_cpu.rs).
+#[unsafe(no_mangle)]
+pub static OFF_CPU_SYSCALL_EXIT: u8 = 1;
+
 // Volatile reads: otherwise the compiler folds the initial values into the
 // code and userspace's overrides have no effect.
 #[inline(always)]
@@ -119,6 +125,11 @@ pub fn off_cpu_min_ns() -> u64 {
 #[inline(always)]
 pub fn off_cpu_sample_below() -> u32 {
     unsafe { core::ptr::read_volatile(&OFF_CPU_SAMPLE_BELOW) }
+}
+
+#[inline(always)]
+pub fn syscall_exit_attached() -> bool {
+    unsafe { core::ptr::read_volatile(&OFF_CPU_SYSCALL_EXIT) != 0 }
 }
 
 #[inline(always)]

@@ -15,22 +15,28 @@
 //!    `bpf_get_task_stack`. A kernel thread's wait is recorded now; a
 //!    thread in a system call, or in user mode, is parked as pending.
 //! 3. **Back in the thread's context**, its user stack exactly as when it
-//!    left: at the exit of its system call (`sys_exit`), or, for a thread
-//!    preempted in user mode or asleep in a page fault, when it returns to
-//!    user mode (`rseq_update`, which the kernel fires after every switch
-//!    of a thread using restartable sequences, as glibc 2.35+ threads do).
-//!    The user stack is walked and the wait recorded. `sys_exit` runs on
-//!    every system call of the host, so it first checks a global count of
-//!    pending waits and mostly returns at once; `rseq_update` marks the
-//!    thread as one that will come back through it.
+//!    left: when it returns to user mode (`rseq_update`, which the kernel
+//!    fires after every switch of a thread using restartable sequences, as
+//!    every glibc 2.35+ thread does). The user stack is walked and the
+//!    wait recorded. `rseq_update` also marks the thread as one that will
+//!    come back through it.
 //!
 //! The user stack cannot be walked at switch-in: user memory can only be
 //! read in the address space of the current task. (A kprobe or fentry on
 //! `finish_task_switch` would run in the woken task's context, but neither
 //! is available on every kernel: these machines have no kprobes and refuse
-//! fentry.) A thread without restartable sequences that is preempted in
-//! user mode has its stack walked eagerly when it leaves the CPU; one
-//! asleep in a page fault is recorded with the faulting instruction only.
+//! fentry.) A thread without restartable sequences (Go, musl, older glibc,
+//! or a thread before its first `rseq_update`) has its stack walked
+//! eagerly when it leaves the CPU; one asleep in a page fault is recorded
+//! with the faulting instruction only.
+//!
+//! On a kernel without the `rseq_update` tracepoint, `sys_exit` takes the
+//! waits of threads blocked in system calls instead (only preemptions are
+//! walked eagerly). It runs on every system call of the host, so it first
+//! checks a global count of pending waits and mostly returns at once; but
+//! even returning at once, its four runs per pipe round trip cost more
+//! than the rest of the off-CPU programs, which is why `rseq_update` is
+//! preferred wherever it exists.
 //!
 //! Per-thread state lives in task storage rather than in a hash map keyed
 //! by thread: no hashing, no bucket lock, nothing to delete on wake-up, and
@@ -54,8 +60,8 @@ use hearth_ebpf::{
 
 use crate::maps::{
     add, add_count, control, control_add, count, filter_by_pid, off_cpu_min_ns,
-    off_cpu_sample_below, store_stack, with_window, TaskStorage, Window, PID_FILTER, SCRATCH_STACK,
-    SCRATCH_SWITCH_KERNEL, SCRATCH_SWITCH_USER, SCRATCH_SYSCALL_EXIT,
+    off_cpu_sample_below, store_stack, syscall_exit_attached, with_window, TaskStorage, Window,
+    PID_FILTER, SCRATCH_STACK, SCRATCH_SWITCH_KERNEL, SCRATCH_SWITCH_USER, SCRATCH_SYSCALL_EXIT,
 };
 use crate::stack::{hash_stack, task_user_regs, walk_user_stack, UserRegs, KERNEL_SEED, USER_SEED};
 
@@ -138,7 +144,8 @@ pub fn off_cpu_switch(ctx: BtfTracePointContext) -> u32 {
     0
 }
 
-/// `sys_exit(struct pt_regs *regs, long ret)`
+/// `sys_exit(struct pt_regs *regs, long ret)`; attached only where
+/// `rseq_update` is missing.
 #[btf_tracepoint(function = "sys_exit")]
 pub fn off_cpu_syscall_exit(_ctx: BtfTracePointContext) -> u32 {
     if control(CONTROL_OFF_CPU_PENDING) == 0 {
@@ -209,11 +216,11 @@ fn try_switch_out(ctx: &BtfTracePointContext, epoch: u32, now: u64) -> Result<()
     // fault) or nowhere (a kernel thread), its saved registers tell; they
     // stay saved until it returns to user mode, so they are read at
     // switch-in, and only for waits long enough to record: reading them
-    // costs more than all the rest of this path. A thread preempted in
-    // user mode is the exception when it does not use restartable
-    // sequences: nothing else runs in its context before it resumes, so
-    // its stack is walked now.
-    if !involuntary || state.thread_flags & THREAD_RSEQ != 0 {
+    // costs more than all the rest of this path. A thread that does not use
+    // restartable sequences is the exception when nothing else will run in
+    // its context before it resumes (preempted, or without `sys_exit`
+    // attached): its stack is walked now.
+    if state.thread_flags & THREAD_RSEQ != 0 || (!involuntary && syscall_exit_attached()) {
         state.started = wait;
         state.pid_tgid = pid_tgid;
         return Ok(());
@@ -221,7 +228,7 @@ fn try_switch_out(ctx: &BtfTracePointContext, epoch: u32, now: u64) -> Result<()
     wait.flags |= WAIT_REGS_READ;
     // SAFETY: the current task is a valid task pointer.
     match unsafe { task_user_regs(task) } {
-        Some(regs) if regs.ip != 0 && regs.in_syscall() => {
+        Some(regs) if regs.ip != 0 && regs.in_syscall() && syscall_exit_attached() => {
             wait.flags |= WAIT_IN_SYSCALL;
             wait.syscall = regs.orig_ax;
         }

@@ -136,6 +136,11 @@ pub struct OffCpuArgs {
     #[arg(long, default_value_t = 1.0, value_name = "PROBABILITY",
           value_parser = parse_probability)]
     pub off_cpu_sample: f64,
+
+    /// Take waits in system calls at `sys_exit`, as on kernels without the
+    /// `rseq_update` tracepoint (for the benchmark of that fallback).
+    #[arg(long, hide = true)]
+    pub off_cpu_syscall_exit: bool,
 }
 
 impl OffCpuArgs {

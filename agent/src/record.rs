@@ -148,6 +148,7 @@ pub async fn record(args: &RecordArgs) -> Result<RecordSummary, RecordError> {
         off_cpu: off_cpu.map(|settings| OffCpuOptions {
             min_ns: settings.min_ns,
             sample_probability: args.off_cpu.off_cpu_sample,
+            force_syscall_exit: args.off_cpu.off_cpu_syscall_exit,
         }),
         pids: args.pids.clone(),
         unwind: args.unwind,

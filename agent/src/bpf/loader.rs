@@ -12,6 +12,7 @@ use aya::programs::perf_event::{
 use aya::programs::tp_btf::BtfTracePointLinkId;
 use aya::programs::{BtfTracePoint, PerfEvent};
 use aya::{Btf, Ebpf, EbpfLoader};
+use aya_obj::btf::BtfKind;
 use hearth_ebpf::{
     names, Stat, CONTROL_ACTIVE_WINDOW, CONTROL_OFF_CPU_EPOCH, CONTROL_OFF_CPU_PENDING,
 };
@@ -29,6 +30,10 @@ pub struct OffCpuOptions {
     pub min_ns: u64,
     /// Share of context switches followed, in (0, 1].
     pub sample_probability: f64,
+    /// Take waits in system calls at `sys_exit`, as on a kernel without the
+    /// `rseq_update` tracepoint, even where it exists: for tests and the
+    /// benchmark of that fallback.
+    pub force_syscall_exit: bool,
 }
 
 impl Default for OffCpuOptions {
@@ -36,6 +41,7 @@ impl Default for OffCpuOptions {
         Self {
             min_ns: 1_000_000,
             sample_probability: 1.0,
+            force_syscall_exit: false,
         }
     }
 }
@@ -137,6 +143,20 @@ impl Sampler {
         let sample_below = off_cpu.sample_below();
         loader.override_global(names::OFF_CPU_MIN_NS, &off_cpu.min_ns, true);
         loader.override_global(names::OFF_CPU_SAMPLE_BELOW, &sample_below, true);
+        // Threads come back through `rseq_update` where the kernel has it;
+        // `sys_exit`, which runs on every system call, only where it lacks.
+        let off_cpu_btf = match opts.off_cpu {
+            Some(_) => Some(Btf::from_sys_fs().map_err(BpfError::Btf)?),
+            None => None,
+        };
+        let use_rseq = off_cpu_btf.as_ref().is_some_and(|btf| {
+            !off_cpu.force_syscall_exit
+                && btf
+                    .id_by_type_name_kind(RSEQ_TRACEPOINT_TYPE, BtfKind::Typedef)
+                    .is_ok()
+        });
+        let syscall_exit = u8::from(!use_rseq);
+        loader.override_global(names::OFF_CPU_SYSCALL_EXIT, &syscall_exit, true);
         let tables = u8::from(opts.unwind != UnwindMode::Fp);
         loader.override_global(names::UNWIND_TABLES, &tables, true);
         if tables != 0 {
@@ -162,24 +182,24 @@ impl Sampler {
 
         on_cpu_program(&mut ebpf)?.load().map_err(program_error)?;
         let mut off_cpu_programs = Vec::new();
-        if opts.off_cpu.is_some() {
-            let btf = Btf::from_sys_fs().map_err(BpfError::Btf)?;
-            for (name, tracepoint) in OFF_CPU_PROGRAMS {
+        if let Some(btf) = &off_cpu_btf {
+            let (exit_name, exit_tracepoint) = if use_rseq {
+                OFF_CPU_RSEQ_PROGRAM
+            } else {
+                OFF_CPU_SYSCALL_EXIT_PROGRAM
+            };
+            for (name, tracepoint) in [OFF_CPU_SWITCH_PROGRAM, (exit_name, exit_tracepoint)] {
                 let program = btf_tracepoint(&mut ebpf, name)?;
                 program
-                    .load(tracepoint, &btf)
+                    .load(tracepoint, btf)
                     .map_err(program_error_of(name))?;
                 off_cpu_programs.push(name);
             }
-            let (name, tracepoint) = OFF_CPU_RSEQ_PROGRAM;
-            match btf_tracepoint(&mut ebpf, name)?.load(tracepoint, &btf) {
-                Ok(()) => off_cpu_programs.push(name),
-                // A kernel without restartable sequences: threads preempted
-                // in user mode are walked when they leave the CPU instead.
-                Err(error) => tracing::info!(
-                    %error,
-                    "no rseq_update tracepoint: preempted threads' stacks are walked eagerly"
-                ),
+            if !use_rseq {
+                tracing::info!(
+                    "no rseq_update tracepoint: waits in system calls are taken at sys_exit, \
+                     preempted threads' stacks are walked when they leave the CPU"
+                );
             }
         }
         for (name, program) in ebpf.programs() {
@@ -337,14 +357,17 @@ impl Sampler {
 }
 
 /// The off-CPU programs and the BTF tracepoints they attach to.
-const OFF_CPU_PROGRAMS: [(&str, &str); 2] = [
-    (names::OFF_CPU_SWITCH_PROGRAM, "sched_switch"),
-    (names::OFF_CPU_SYSCALL_EXIT_PROGRAM, "sys_exit"),
-];
+const OFF_CPU_SWITCH_PROGRAM: (&str, &str) = (names::OFF_CPU_SWITCH_PROGRAM, "sched_switch");
 
-/// Optional: where the kernel has it, the hook that walks the stacks of
-/// threads preempted in user mode when they return to it.
+/// Where the kernel has it, the hook through which threads that were
+/// switched out come back to user mode, their stacks readable again.
 const OFF_CPU_RSEQ_PROGRAM: (&str, &str) = (names::OFF_CPU_RSEQ_PROGRAM, "rseq_update");
+/// The BTF type that says the kernel has the `rseq_update` tracepoint.
+const RSEQ_TRACEPOINT_TYPE: &str = "btf_trace_rseq_update";
+
+/// Elsewhere: the exit of every system call.
+const OFF_CPU_SYSCALL_EXIT_PROGRAM: (&str, &str) =
+    (names::OFF_CPU_SYSCALL_EXIT_PROGRAM, "sys_exit");
 
 fn btf_tracepoint<'a>(
     ebpf: &'a mut Ebpf,

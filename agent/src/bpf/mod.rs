@@ -207,10 +207,15 @@ mod tests {
     #[test]
     fn programs_load_with_the_largest_unwind_tables() {
         use crate::unwind::{UnwindMode, MAX_TABLE_MEMORY};
+        // With frame pointers, the off-CPU programs of kernels without the
+        // rseq_update tracepoint, so every program is checked once.
         let start = |unwind| {
             Sampler::start(&SamplerOptions {
                 frequency_hz: 997,
-                off_cpu: Some(OffCpuOptions::default()),
+                off_cpu: Some(OffCpuOptions {
+                    force_syscall_exit: unwind == UnwindMode::Fp,
+                    ..OffCpuOptions::default()
+                }),
                 pids: vec![std::process::id()],
                 unwind,
                 unwind_memory: MAX_TABLE_MEMORY,
@@ -224,16 +229,30 @@ mod tests {
             let mut sampler = start(unwind);
             let verified = sampler.verified_instructions();
             eprintln!("{unwind}: verified instructions {verified:?}");
-            // The rseq_update program loads where the kernel has it.
             let loaded: Vec<&str> = verified.iter().map(|(name, _)| name.as_str()).collect();
+            // The rseq_update program loads where the kernel has it,
+            // sys_exit's where it does not.
+            let return_program = if unwind == UnwindMode::Fp {
+                hearth_ebpf::names::OFF_CPU_SYSCALL_EXIT_PROGRAM
+            } else if loaded.contains(&hearth_ebpf::names::OFF_CPU_RSEQ_PROGRAM) {
+                hearth_ebpf::names::OFF_CPU_RSEQ_PROGRAM
+            } else {
+                hearth_ebpf::names::OFF_CPU_SYSCALL_EXIT_PROGRAM
+            };
             for required in [
                 hearth_ebpf::names::ON_CPU_PROGRAM,
                 hearth_ebpf::names::OFF_CPU_SWITCH_PROGRAM,
-                hearth_ebpf::names::OFF_CPU_SYSCALL_EXIT_PROGRAM,
+                return_program,
             ] {
                 assert!(loaded.contains(&required), "{verified:?}");
             }
-            assert!(verified.iter().all(|&(_, n)| n > 0 && n < 1_000_000));
+            // The verifier's limit is 1 M instructions; a program that comes
+            // within a few times of it here can fail on a kernel whose
+            // verifier prunes less (these took 36 k to 72 k when written).
+            assert!(
+                verified.iter().all(|&(_, n)| n > 0 && n < 300_000),
+                "{verified:?}"
+            );
             if unwind == UnwindMode::Dwarf {
                 let u = sampler.unwind_stats().unwrap();
                 // Rows and page indexes share the cap (up to rounding).
@@ -273,11 +292,20 @@ mod tests {
     }
 
     fn off_cpu_sampler(min: Duration, sample_probability: f64) -> Sampler {
+        off_cpu_sampler_with(min, sample_probability, false)
+    }
+
+    fn off_cpu_sampler_with(
+        min: Duration,
+        sample_probability: f64,
+        force_syscall_exit: bool,
+    ) -> Sampler {
         Sampler::start(&SamplerOptions {
             frequency_hz: 0,
             off_cpu: Some(OffCpuOptions {
                 min_ns: min.as_nanos() as u64,
                 sample_probability,
+                force_syscall_exit,
             }),
             pids: vec![std::process::id()],
             ..SamplerOptions::default()
@@ -287,10 +315,22 @@ mod tests {
 
     /// Every followed switch is accounted for: short waits are counted and
     /// not recorded, long ones are recorded with their time, and the
-    /// counters add up with what is still in flight.
+    /// counters add up with what is still in flight. Waits in system calls
+    /// come back through `rseq_update`.
     #[test]
     fn off_cpu_counters_add_up_and_the_minimum_applies() {
-        let mut sampler = off_cpu_sampler(Duration::from_millis(10), 1.0);
+        check_off_cpu_counters(false);
+    }
+
+    /// The same where waits in system calls are taken at `sys_exit`, as on
+    /// kernels without the `rseq_update` tracepoint.
+    #[test]
+    fn off_cpu_counters_add_up_with_the_syscall_exit_fallback() {
+        check_off_cpu_counters(true);
+    }
+
+    fn check_off_cpu_counters(force_syscall_exit: bool) {
+        let mut sampler = off_cpu_sampler_with(Duration::from_millis(10), 1.0, force_syscall_exit);
         let short = sleeper(40, Duration::from_millis(2));
         let long = sleeper(15, Duration::from_millis(20));
         let (short, long) = (short.join().unwrap(), long.join().unwrap());
@@ -422,11 +462,12 @@ mod tests {
                 .unwrap_or_else(|| panic!("no user stack: {sample:?}"));
             assert!(!user.kernel && !user.ips.is_empty(), "{user:?}");
         }
-        // Only a thread's first preemption, before it ever returned through
-        // `rseq_update`, is walked eagerly (and a few of other threads of
-        // this process).
+        // Only a thread's first switch, before it ever returned through
+        // `rseq_update`, is walked eagerly (the spinners', and those of the
+        // other threads of this process, which other tests keep starting).
+        // Without it, every preemption would be.
         assert!(
-            st.get(Stat::OffCpuEagerWalks) * 4 < waits,
+            st.get(Stat::OffCpuEagerWalks) * 2 < waits,
             "{} eager walks for {waits} preemptions: {st:?}",
             st.get(Stat::OffCpuEagerWalks)
         );

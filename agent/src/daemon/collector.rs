@@ -84,6 +84,7 @@ fn run(
         off_cpu: options.off_cpu.map(|o| OffCpuOptions {
             min_ns: OffCpuSettings::new(o.min, o.sample_probability).min_ns,
             sample_probability: o.sample_probability,
+            ..OffCpuOptions::default()
         }),
         unwind: options.unwind,
         unwind_memory: options.unwind_memory,
