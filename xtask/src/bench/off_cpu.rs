@@ -13,7 +13,9 @@
 //!   gets, and what the <5% target is judged on;
 //! - the same with `kernel.bpf_stats_enabled`, which times every BPF run
 //!   (two clock reads per run, so it adds a little cost of its own);
-//! - `--off-cpu --off-cpu-min 0` (every wait recorded), bpf_stats on.
+//! - `--off-cpu --off-cpu-min 0` (every wait recorded), bpf_stats on;
+//! - `--off-cpu` with waits in system calls taken at `sys_exit`, as on
+//!   kernels without the `rseq_update` tracepoint, bpf_stats on.
 //!
 //! This VM is shared and its speed drifts within a minute, so rounds are
 //! interleaved, the order rotates from round to round, and the slowdown of
@@ -22,7 +24,7 @@
 //!
 //! Measured over each ping_pong run: its round trips per second; host-wide
 //! context switches per second (`ctxt` in /proc/stat); run time and run
-//! count of the two off-CPU programs, told apart by the tracepoint their
+//! count of the off-CPU programs, told apart by the tracepoint their
 //! link is attached to (BPF time is charged to the switching tasks, not to
 //! the agent); and the agent's own user + system CPU time. BPF time per
 //! round trip, set against an unprofiled round trip, is a second estimate
@@ -70,7 +72,7 @@ struct Config {
     bpf_stats: bool,
 }
 
-const CONFIGS: [Config; 4] = [
+const CONFIGS: [Config; 5] = [
     Config {
         label: "off",
         record_args: None,
@@ -89,6 +91,11 @@ const CONFIGS: [Config; 4] = [
     Config {
         label: "`--off-cpu --off-cpu-min 0`, bpf_stats on",
         record_args: Some(&["--off-cpu-min", "0"]),
+        bpf_stats: true,
+    },
+    Config {
+        label: "`--off-cpu` with the `sys_exit` fallback (kernels without `rseq_update`), bpf_stats on",
+        record_args: Some(&["--off-cpu-syscall-exit"]),
         bpf_stats: true,
     },
 ];
@@ -327,7 +334,8 @@ struct Agent {
 #[derive(Clone, Copy)]
 struct OffCpuPrograms {
     switch: u64,
-    sys_exit: u64,
+    /// Attached only where the kernel lacks `rseq_update`, or when asked.
+    sys_exit: Option<u64>,
     rseq: Option<u64>,
 }
 
@@ -361,8 +369,9 @@ impl Agent {
         self.child.id() as i32
     }
 
-    /// Waits until both off-CPU programs are attached (their links exist),
-    /// and notes which program is which.
+    /// Waits until the off-CPU programs are attached (their links exist:
+    /// `sched_switch`, and `rseq_update` or `sys_exit`), and notes which
+    /// program is which.
     fn wait_until_attached(&mut self) -> Result<()> {
         let started = Instant::now();
         loop {
@@ -374,19 +383,21 @@ impl Agent {
                 );
             }
             let links = tracepoint_links(self.pid());
-            if let (Some(&switch), Some(&sys_exit)) =
-                (links.get("sched_switch"), links.get("sys_exit"))
-            {
-                self.programs = Some(OffCpuPrograms {
-                    switch,
-                    sys_exit,
-                    rseq: links.get("rseq_update").copied(),
-                });
-                return Ok(());
+            let sys_exit = links.get("sys_exit").copied();
+            let rseq = links.get("rseq_update").copied();
+            if let Some(&switch) = links.get("sched_switch") {
+                if sys_exit.is_some() || rseq.is_some() {
+                    self.programs = Some(OffCpuPrograms {
+                        switch,
+                        sys_exit,
+                        rseq,
+                    });
+                    return Ok(());
+                }
             }
             if started.elapsed() > ATTACH_TIMEOUT {
                 bail!(
-                    "hearth record did not attach to sched_switch and sys_exit within {}s: {}",
+                    "hearth record did not attach to sched_switch and rseq_update or sys_exit within {}s: {}",
                     ATTACH_TIMEOUT.as_secs(),
                     self.log_text()
                 );
@@ -409,7 +420,7 @@ impl Agent {
         Ok(AgentCounters {
             cpu_seconds: cpu_seconds(self.pid())?,
             switch: runs(programs.switch)?,
-            sys_exit: runs(programs.sys_exit)?,
+            sys_exit: programs.sys_exit.map(runs).transpose()?.unwrap_or_default(),
             rseq: programs.rseq.map(runs).transpose()?.unwrap_or_default(),
         })
     }
