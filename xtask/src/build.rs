@@ -203,7 +203,14 @@ pub fn test(filter: Option<&str>) -> Result<()> {
     let bin = build_all()?;
     let filter: Vec<&str> = filter.into_iter().collect();
     run(cargo_as_root(&object)
-        .args(["test", "--release", "--package", "hearth", "--"])
+        .args([
+            "test",
+            "--release",
+            "--no-fail-fast",
+            "--package",
+            "hearth",
+            "--",
+        ])
         .args(&filter))?;
     run(cargo_as_root(&object)
         .env("HEARTH_BIN", &bin)
@@ -211,6 +218,7 @@ pub fn test(filter: Option<&str>) -> Result<()> {
         .args([
             "test",
             "--release",
+            "--no-fail-fast",
             "--package",
             "hearth-integration-tests",
             "--",

@@ -94,7 +94,8 @@ const CONFIGS: [Config; 5] = [
         bpf_stats: true,
     },
     Config {
-        label: "`--off-cpu` with the `sys_exit` fallback (kernels without `rseq_update`), bpf_stats on",
+        label:
+            "`--off-cpu` with the `sys_exit` fallback (kernels without `rseq_update`), bpf_stats on",
         record_args: Some(&["--off-cpu-syscall-exit"]),
         bpf_stats: true,
     },
