@@ -143,17 +143,15 @@ impl Sampler {
         let sample_below = off_cpu.sample_below();
         loader.override_global(names::OFF_CPU_MIN_NS, &off_cpu.min_ns, true);
         loader.override_global(names::OFF_CPU_SAMPLE_BELOW, &sample_below, true);
-        // Threads come back through `rseq_update` where the kernel has it;
-        // `sys_exit`, which runs on every system call, only where it lacks.
+        // Threads come back through `rseq_update` where the kernel fires it
+        // after every switch; `sys_exit`, which runs on every system call,
+        // only elsewhere.
         let off_cpu_btf = match opts.off_cpu {
             Some(_) => Some(Btf::from_sys_fs().map_err(BpfError::Btf)?),
             None => None,
         };
         let use_rseq = off_cpu_btf.as_ref().is_some_and(|btf| {
-            !off_cpu.force_syscall_exit
-                && btf
-                    .id_by_type_name_kind(RSEQ_TRACEPOINT_TYPE, BtfKind::Typedef)
-                    .is_ok()
+            !off_cpu.force_syscall_exit && rseq_update_follows_every_switch(btf)
         });
         let syscall_exit = u8::from(!use_rseq);
         loader.override_global(names::OFF_CPU_SYSCALL_EXIT, &syscall_exit, true);
@@ -197,8 +195,9 @@ impl Sampler {
             }
             if !use_rseq {
                 tracing::info!(
-                    "no rseq_update tracepoint: waits in system calls are taken at sys_exit, \
-                     preempted threads' stacks are walked when they leave the CPU"
+                    "waits in system calls are taken at sys_exit (no rseq_update tracepoint \
+                     that follows every switch), preempted threads' stacks are walked when \
+                     they leave the CPU"
                 );
             }
         }
@@ -362,8 +361,21 @@ const OFF_CPU_SWITCH_PROGRAM: (&str, &str) = (names::OFF_CPU_SWITCH_PROGRAM, "sc
 /// Where the kernel has it, the hook through which threads that were
 /// switched out come back to user mode, their stacks readable again.
 const OFF_CPU_RSEQ_PROGRAM: (&str, &str) = (names::OFF_CPU_RSEQ_PROGRAM, "rseq_update");
-/// The BTF type that says the kernel has the `rseq_update` tracepoint.
-const RSEQ_TRACEPOINT_TYPE: &str = "btf_trace_rseq_update";
+
+/// Whether `rseq_update` fires each time a thread with restartable
+/// sequences returns to user mode after a context switch. It does from its
+/// introduction (4.18) through 6.18: every switch-out of such a thread
+/// requests the notify-resume work that emits it. The rework of 6.19
+/// (`struct rseq_event` in the task) skips the work when the thread's CPU
+/// and concurrency ids are unchanged, so waits parked for it could wait
+/// forever; there `sys_exit` is used.
+fn rseq_update_follows_every_switch(btf: &Btf) -> bool {
+    btf.id_by_type_name_kind("btf_trace_rseq_update", BtfKind::Typedef)
+        .is_ok()
+        && btf
+            .id_by_type_name_kind("rseq_event", BtfKind::Struct)
+            .is_err()
+}
 
 /// Elsewhere: the exit of every system call.
 const OFF_CPU_SYSCALL_EXIT_PROGRAM: (&str, &str) =
