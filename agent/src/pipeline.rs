@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
 use crate::bpf::{RawSample, RawWindow};
-use crate::process::ProcessTable;
+use crate::filter::FilterSpec;
+use crate::incarnation::{monotonic_ns, Capture, Changes, Image, ProcessKey, Tracker};
+use crate::process::{start_time, ProcessTable};
 use crate::profile::{
     Frame, FrameId, FrameKind, OffCpuReason, OffCpuSettings, Profile, ProfileBuilder, ProfileMeta,
     SampleKind,
@@ -27,7 +29,14 @@ pub struct WindowProfiles {
 pub struct WindowProcessor<S> {
     symbolizer: S,
     processes: ProcessTable,
+    /// Which incarnation of a pid each sample belongs to.
+    tracker: Tracker,
+    /// Process-name exclusions applied again at drain (samples taken
+    /// between an exec and the kernel learning its verdict).
+    filter: FilterSpec,
     hostname: String,
+    /// Samples dropped by the name filter at drain, in all.
+    pub filtered_at_drain: u64,
 }
 
 /// Symbolized stacks of one window, each distinct stack symbolized once
@@ -36,7 +45,7 @@ pub struct WindowProcessor<S> {
 struct StackCache {
     kernel: HashMap<u32, Vec<FrameId>>,
     blocked: HashMap<u64, Vec<FrameId>>,
-    user: HashMap<(u32, u64), Vec<FrameId>>,
+    user: HashMap<(ProcessKey, u64), Vec<FrameId>>,
 }
 
 impl<S: Symbolize> WindowProcessor<S> {
@@ -44,8 +53,62 @@ impl<S: Symbolize> WindowProcessor<S> {
         Self {
             symbolizer,
             processes: ProcessTable::new(),
+            tracker: Tracker::new(),
+            filter: FilterSpec::default(),
             hostname: hostname(),
+            filtered_at_drain: 0,
         }
+    }
+
+    /// Applies `filter`'s process-name exclusions to drained samples too.
+    pub fn with_filter(mut self, filter: FilterSpec) -> Self {
+        self.filter = filter;
+        self
+    }
+
+    /// Incarnations currently tracked from exec events.
+    pub fn tracked_processes(&self) -> usize {
+        self.tracker.len()
+    }
+
+    fn apply(&mut self, changes: Changes) {
+        for capture in &changes.adopted {
+            self.symbolizer.adopt(capture);
+        }
+        for &key in &changes.ended {
+            self.symbolizer.ended(key);
+        }
+        for &key in &changes.forgotten {
+            self.symbolizer.forget(key);
+            self.processes.forget(key);
+        }
+    }
+
+    /// The incarnation a sample belongs to, and its capture if it has one.
+    /// `live` caches /proc start times for this window.
+    fn resolve(
+        &self,
+        sample: &RawSample,
+        live: &mut HashMap<u32, Option<u64>>,
+    ) -> (ProcessKey, Option<Arc<Capture>>) {
+        let pid = sample.tgid;
+        if let Some((key, capture)) = self.tracker.resolve(pid, sample.last_seen_ns) {
+            return (key, Some(capture.clone()));
+        }
+        let ticks = *live.entry(pid).or_insert_with(|| start_time(pid));
+        let image = match ticks {
+            // /proc shows a process whose captured exec came after the
+            // sample: the sample ran the image before it, never captured.
+            _ if self
+                .tracker
+                .before_first_exec(pid, sample.last_seen_ns, ticks) =>
+            {
+                Image::Unknown
+            }
+            Some(ticks) => Image::Started(ticks),
+            None => Image::Unknown,
+        };
+        (ProcessKey::new(pid, image), None)
     }
 
     pub fn symbolizer(&self) -> &S {
@@ -70,6 +133,10 @@ impl<S: Symbolize> WindowProcessor<S> {
         let mut on_cpu = ProfileBuilder::new(meta(SampleKind::OnCpu, frequency_hz));
         // Off-CPU time is not sampled at a frequency.
         let mut off = off_cpu.map(|s| (s, ProfileBuilder::new(meta(SampleKind::OffCpu(s), 0))));
+        let mut changes = Changes::default();
+        self.tracker.ingest(&window.process_events, &mut changes);
+        self.apply(changes);
+        let mut live = HashMap::new();
         let mut on_cpu_stacks = StackCache::default();
         let mut off_cpu_stacks = StackCache::default();
         let mut frames = Vec::new();
@@ -90,9 +157,17 @@ impl<S: Symbolize> WindowProcessor<S> {
                 // the programs are attached only with them.
                 (Some(_), None) => continue,
             };
+            let (key, capture) = self.resolve(sample, &mut live);
+            let process = self.processes.lookup(key, &sample.comm, capture.as_deref());
+            if !self
+                .filter
+                .allows_name(&process.name, process.executable.as_deref())
+            {
+                self.filtered_at_drain += sample.count;
+                continue;
+            }
             frames.clear();
-            self.stack_frames(window, sample, builder, stacks, &mut frames);
-            let process = self.processes.lookup(sample.tgid, &sample.comm);
+            self.stack_frames(window, sample, key, builder, stacks, &mut frames);
             let process = builder.intern_process(&process);
             let last_seen_unix_ns = sample
                 .last_seen
@@ -110,6 +185,9 @@ impl<S: Symbolize> WindowProcessor<S> {
         }
         self.symbolizer.end_window();
         self.processes.end_window();
+        let mut changes = Changes::default();
+        self.tracker.end_window(monotonic_ns(), &mut changes);
+        self.apply(changes);
         WindowProfiles {
             on_cpu: on_cpu.build(),
             off_cpu: off.map(|(_, builder)| builder.build()),
@@ -122,6 +200,7 @@ impl<S: Symbolize> WindowProcessor<S> {
         &mut self,
         window: &RawWindow,
         sample: &RawSample,
+        process: ProcessKey,
         builder: &mut ProfileBuilder,
         cache: &mut StackCache,
         frames: &mut Vec<FrameId>,
@@ -162,33 +241,30 @@ impl<S: Symbolize> WindowProcessor<S> {
             frames.extend(lost_kernel(builder));
         }
         if sample.user_stack != 0 {
-            let stack = cache
-                .user
-                .entry((sample.tgid, sample.user_stack))
-                .or_insert_with(|| {
-                    let mut out = Vec::new();
-                    match window.stacks.get(&sample.user_stack) {
-                        Some(raw) => {
-                            self.symbolizer
-                                .user_stack(sample.tgid, &raw.ips, builder, &mut out);
-                            if raw.truncated {
-                                out.push(
-                                    builder.intern_frame(&Frame::named(
+            let stack =
+                cache
+                    .user
+                    .entry((process, sample.user_stack))
+                    .or_insert_with(|| {
+                        let mut out = Vec::new();
+                        match window.stacks.get(&sample.user_stack) {
+                            Some(raw) => {
+                                self.symbolizer
+                                    .user_stack(process, &raw.ips, builder, &mut out);
+                                if raw.truncated {
+                                    out.push(builder.intern_frame(&Frame::named(
                                         "[truncated]",
                                         FrameKind::Native,
-                                    )),
-                                );
+                                    )));
+                                }
                             }
-                        }
-                        None => {
-                            out.push(builder.intern_frame(&Frame::named(
+                            None => out.push(builder.intern_frame(&Frame::named(
                                 "[lost user stack]",
                                 FrameKind::Native,
-                            )))
+                            ))),
                         }
-                    }
-                    out
-                });
+                        out
+                    });
             frames.extend_from_slice(stack);
         }
     }
