@@ -323,7 +323,7 @@ mod tests {
         assert_eq!(name(350), Some("second"));
         assert_eq!(name(1_000), Some("third"));
         assert_eq!(name(50), None);
-        assert_eq!(t.resolve(8, 150), None);
+        assert!(t.resolve(8, 150).is_none());
         assert_eq!(changes.adopted.len(), 3);
         // first by its exit, second by the exec of third.
         let ended: Vec<_> = changes.ended.iter().map(|k| k.image).collect();

@@ -317,6 +317,127 @@ mod tests {
         assert_eq!(choose_hostname(None, None), "unknown");
     }
 
+    use std::time::{Duration, SystemTime};
+
+    use crate::bpf::{BpfStats, RawStack};
+    use crate::incarnation::{fake_capture, ProcessEvent};
+    use crate::symbolize::fake::MapSymbolizer;
+
+    fn sample(pid: u32, stack: u64, at_ns: u64) -> RawSample {
+        RawSample {
+            tgid: pid,
+            tid: pid,
+            comm: "thread".into(),
+            user_stack: stack,
+            kernel_stack: None,
+            in_kernel: false,
+            count: 1,
+            last_seen: SystemTime::now(),
+            last_seen_ns: at_ns,
+            off_cpu: None,
+        }
+    }
+
+    fn window(samples: Vec<RawSample>, events: Vec<ProcessEvent>) -> RawWindow {
+        let stack = |ip| RawStack {
+            ips: vec![ip],
+            truncated: false,
+            kernel: false,
+        };
+        RawWindow {
+            start: SystemTime::now() - Duration::from_secs(1),
+            end: SystemTime::now(),
+            samples,
+            stacks: [(1, stack(0x10)), (2, stack(0x20))].into_iter().collect(),
+            kernel_stacks: HashMap::new(),
+            stats: BpfStats::default(),
+            process_events: events,
+        }
+    }
+
+    fn leaves(profile: &Profile) -> Vec<(u32, String, String)> {
+        let mut out: Vec<_> = profile
+            .samples
+            .iter()
+            .map(|s| {
+                let p = profile.process(s.process);
+                let leaf = profile.frame(s.frames[0]).function.to_string();
+                (p.pid, p.name.to_string(), leaf)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// A pid reused within one window, by two short-lived processes gone
+    /// before the drain: each sample gets its own process's symbols and
+    /// name, matched by time to the exec and exit events; the images are
+    /// forgotten once their samples are drained.
+    #[test]
+    fn a_reused_pid_gets_the_new_processs_symbols_and_name() {
+        let pid = 4_000_000; // beyond pid_max: never in /proc
+        let symbolizer = MapSymbolizer::new()
+            .with_image("first", 0x10, "first_main")
+            .with_image("second", 0x10, "second_main")
+            .with(0x20, "shared");
+        let mut processor = WindowProcessor::new(symbolizer);
+        let events = vec![
+            ProcessEvent::Exec(fake_capture(pid, 1_000, "first")),
+            ProcessEvent::Exit {
+                pid,
+                time_ns: 2_000,
+            },
+            ProcessEvent::Exec(fake_capture(pid, 3_000, "second")),
+            ProcessEvent::Exit {
+                pid,
+                time_ns: 4_000,
+            },
+        ];
+        let samples = vec![
+            sample(pid, 1, 1_500),
+            sample(pid, 1, 3_500),
+            // Same stack, same pid, after both exited (a fork that did not
+            // exec, unknown): neither image's symbols.
+            sample(pid, 1, 4_500),
+        ];
+        let profiles = processor.process(&window(samples, events), 99, None);
+        assert_eq!(
+            leaves(&profiles.on_cpu),
+            [
+                (pid, "first".into(), "first_main".into()),
+                (pid, "second".into(), "second_main".into()),
+                (pid, "thread".into(), "[unknown]".into()),
+            ]
+        );
+        // One more window and the ended images are forgotten.
+        assert_eq!(processor.tracked_processes(), 2);
+        processor.process(&window(Vec::new(), Vec::new()), 99, None);
+        assert_eq!(processor.tracked_processes(), 0);
+        let forgotten = &processor.symbolizer().forgotten;
+        assert_eq!(forgotten.len(), 2, "{forgotten:?}");
+    }
+
+    /// Samples of a process a name rule excludes, taken before the kernel
+    /// learned the verdict, are dropped at drain.
+    #[test]
+    fn excluded_names_are_dropped_at_drain() {
+        let filter = FilterSpec::new(&crate::filter::FilterRules {
+            exclude_names: vec!["^noisy$".into()],
+            ..Default::default()
+        })
+        .unwrap();
+        let mut processor = WindowProcessor::new(MapSymbolizer::new()).with_filter(filter);
+        let events = vec![
+            ProcessEvent::Exec(fake_capture(4_000_001, 1_000, "noisy")),
+            ProcessEvent::Exec(fake_capture(4_000_002, 1_000, "quiet")),
+        ];
+        let samples = vec![sample(4_000_001, 1, 1_500), sample(4_000_002, 2, 1_500)];
+        let profiles = processor.process(&window(samples, events), 99, None);
+        let names: Vec<String> = leaves(&profiles.on_cpu).into_iter().map(|l| l.1).collect();
+        assert_eq!(names, ["quiet"]);
+        assert_eq!(processor.filtered_at_drain, 1);
+    }
+
     #[test]
     fn sampled_waits_scale_up_by_the_inverse_probability() {
         assert_eq!(scale_up(1_000, 0), 1_000);

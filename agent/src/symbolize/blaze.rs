@@ -906,6 +906,7 @@ impl Symbolize for BlazeSymbolizer {
 #[cfg(test)]
 mod tests {
     use std::hint::black_box;
+    use std::path::Path;
     use std::time::Instant;
 
     use super::*;
