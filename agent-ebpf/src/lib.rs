@@ -29,14 +29,25 @@ pub mod names {
     pub const CONTROL: &str = "CONTROL";
     pub const STATS: &str = "STATS";
     pub const PID_FILTER: &str = "PID_FILTER";
+    /// Filter entries by cgroup v2 id ([`crate::FILTER_ENTRY_INCLUDE`] /
+    /// [`crate::FILTER_ENTRY_EXCLUDE`]).
+    pub const CGROUP_FILTER: &str = "CGROUP_FILTER";
+    /// Global (read-only data): `FILTER_*` bits, which filter checks run.
+    pub const FILTER_FLAGS: &str = "FILTER_FLAGS";
+    /// Global (read-only data): bit L set: the cgroup filter also checks
+    /// the task's ancestor cgroup at level L (the levels of the paths
+    /// given), so a cgroup's whole subtree matches.
+    pub const FILTER_CGROUP_LEVELS: &str = "FILTER_CGROUP_LEVELS";
+    pub const PROCESS_EXEC_PROGRAM: &str = "process_exec";
+    pub const PROCESS_EXIT_PROGRAM: &str = "process_exit";
+    /// Ring buffer of [`crate::ProcessEvent`]s.
+    pub const PROCESS_EVENTS: &str = "PROCESS_EVENTS";
     pub const SCRATCH_STACK: &str = "SCRATCH_STACK";
     /// Per-window maps: index 0 and 1 of the double buffer.
     pub const COUNTS: [&str; 2] = ["COUNTS_0", "COUNTS_1"];
     /// User stacks, and the kernel stacks of blocked threads, by hash.
     pub const STACKS: [&str; 2] = ["STACKS_0", "STACKS_1"];
     pub const KERNEL_STACKS: [&str; 2] = ["KERNEL_STACKS_0", "KERNEL_STACKS_1"];
-    /// Global (read-only data): non-zero when only pids in `PID_FILTER` are sampled.
-    pub const FILTER_BY_PID: &str = "FILTER_BY_PID";
     /// Unwind tables: rows of every loaded file, [`crate::UnwindRow`].
     pub const UNWIND_ROWS: &str = "UNWIND_ROWS";
     /// Unwind tables: page indexes of every loaded file, [`crate::UnwindPage`].
@@ -67,6 +78,46 @@ pub const CONTROL_OFF_CPU_EPOCH: u32 = 1;
 /// epoch.
 pub const CONTROL_OFF_CPU_PENDING: u32 = 2;
 pub const CONTROL_ENTRIES: u32 = 3;
+
+/// `FILTER_FLAGS`: some include rule exists; a task matching none is
+/// filtered out.
+pub const FILTER_INCLUDE: u8 = 1 << 0;
+/// `FILTER_FLAGS`: `PID_FILTER` holds entries (pid rules, or process-name
+/// rules evaluated in userspace); exits delete them in the kernel.
+pub const FILTER_PIDS: u8 = 1 << 1;
+/// `FILTER_FLAGS`: `CGROUP_FILTER` holds entries.
+pub const FILTER_CGROUPS: u8 = 1 << 2;
+/// `FILTER_FLAGS`: process-name rules exist, so every exec is reported to
+/// userspace (otherwise only those of processes the filter lets through).
+pub const FILTER_NAMES: u8 = 1 << 3;
+/// Value bit of a `PID_FILTER`/`CGROUP_FILTER` entry: included.
+pub const FILTER_ENTRY_INCLUDE: u8 = 1 << 0;
+/// Value bit of a filter entry: excluded (wins over included).
+pub const FILTER_ENTRY_EXCLUDE: u8 = 1 << 1;
+/// Deepest cgroup level `FILTER_CGROUP_LEVELS` can name.
+pub const FILTER_MAX_CGROUP_LEVEL: u32 = 15;
+
+/// [`ProcessEvent::kind`]: a process image began (`sched_process_exec`).
+pub const PROCESS_EVENT_EXEC: u32 = 1;
+/// [`ProcessEvent::kind`]: the last thread of a process exited
+/// (`sched_process_exit` with `group_dead`).
+pub const PROCESS_EVENT_EXIT: u32 = 2;
+/// Size of the `PROCESS_EVENTS` ring buffer (a power of two of pages).
+pub const PROCESS_EVENTS_BYTES: u32 = 256 * 1024;
+
+/// One exec or exit, as the process-event programs send it to userspace.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessEvent {
+    /// `PROCESS_EVENT_*`.
+    pub kind: u32,
+    /// Process id (tgid).
+    pub pid: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the event.
+    pub time_ns: u64,
+    /// The process name after the exec (the exiting thread's at exit).
+    pub comm: [u8; 16],
+}
 
 /// [`SampleKey::flags`]: the sample interrupted kernel mode.
 pub const SAMPLE_IN_KERNEL: u32 = 1 << 0;
@@ -124,7 +175,8 @@ pub enum Stat {
     Samples = 0,
     /// Samples of an idle CPU (pid 0): dropped without any stack work.
     Idle,
-    /// Samples of processes excluded by the pid filter.
+    /// Samples of processes left out by the filter (pid, process name or
+    /// cgroup): no stack walk.
     Filtered,
     /// Samples recorded into a count map.
     Recorded,
@@ -223,10 +275,17 @@ pub enum Stat {
     /// A walk stopped at a rule it cannot evaluate, a CFA that does not
     /// move up the stack, or a lost frame pointer.
     UnwindBadFrame,
+    /// Execs reported by the process-event program.
+    ProcessExecs,
+    /// Process exits (last thread) seen by the process-event program.
+    ProcessExits,
+    /// Process events lost because the ring buffer was full (userspace did
+    /// not keep up): those processes are symbolized from /proc at drain.
+    ProcessEventsLost,
 }
 
 impl Stat {
-    pub const COUNT: u32 = Stat::UnwindBadFrame as u32 + 1;
+    pub const COUNT: u32 = Stat::ProcessEventsLost as u32 + 1;
     pub const ALL: [Stat; Stat::COUNT as usize] = [
         Stat::Samples,
         Stat::Idle,
@@ -269,6 +328,9 @@ impl Stat {
         Stat::UnwindSignalFrames,
         Stat::UnwindReadFault,
         Stat::UnwindBadFrame,
+        Stat::ProcessExecs,
+        Stat::ProcessExits,
+        Stat::ProcessEventsLost,
     ];
 
     /// Stable snake_case name, used in logs and metrics.
@@ -315,6 +377,9 @@ impl Stat {
             Stat::UnwindSignalFrames => "unwind_signal_frames",
             Stat::UnwindReadFault => "unwind_read_fault",
             Stat::UnwindBadFrame => "unwind_bad_frame",
+            Stat::ProcessExecs => "process_execs",
+            Stat::ProcessExits => "process_exits",
+            Stat::ProcessEventsLost => "process_events_lost",
         }
     }
 }
@@ -493,6 +558,7 @@ mod pod {
     unsafe impl aya::Pod for super::UnwindPage {}
     unsafe impl aya::Pod for super::UnwindMapping {}
     unsafe impl aya::Pod for super::UnwindProc {}
+    unsafe impl aya::Pod for super::ProcessEvent {}
 }
 
 // The layouts must have no implicit padding: a padding byte would carry
@@ -505,4 +571,5 @@ const _: () = assert!(core::mem::size_of::<UnwindFile>() == 16);
 const _: () = assert!(core::mem::size_of::<UnwindPage>() == 8);
 const _: () = assert!(core::mem::size_of::<UnwindMapping>() == 8 * 3 + 4 * 2);
 const _: () = assert!(core::mem::size_of::<UnwindProc>() == 8);
+const _: () = assert!(core::mem::size_of::<ProcessEvent>() == 4 + 4 + 8 + 16);
 const _: () = assert!(1 << UNWIND_MAPPING_SEARCH_STEPS == UNWIND_MAX_MAPPINGS);

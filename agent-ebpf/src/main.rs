@@ -17,6 +17,8 @@ mod off_cpu;
 #[cfg(target_arch = "bpf")]
 mod on_cpu;
 #[cfg(target_arch = "bpf")]
+mod process_events;
+#[cfg(target_arch = "bpf")]
 mod stack;
 #[cfg(target_arch = "bpf")]
 mod unwind;

@@ -10,13 +10,17 @@ use aya_ebpf::{
         bpf_map_type::BPF_MAP_TYPE_TASK_STORAGE, task_struct, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC,
         BPF_LOCAL_STORAGE_GET_F_CREATE, BPF_NOEXIST,
     },
-    helpers::generated::bpf_task_storage_get,
+    helpers::generated::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_task_storage_get,
+    },
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, StackTrace},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf, StackTrace},
 };
 use hearth_ebpf::{
     SampleCount, SampleKey, Stack, Stat, UnwindFile, UnwindMapping, UnwindPage, UnwindProc,
-    UnwindRow, CONTROL_ACTIVE_WINDOW, CONTROL_ENTRIES, UNWIND_MAPPING_ENTRIES,
+    UnwindRow, CONTROL_ACTIVE_WINDOW, CONTROL_ENTRIES, FILTER_CGROUPS, FILTER_ENTRY_EXCLUDE,
+    FILTER_ENTRY_INCLUDE, FILTER_INCLUDE, FILTER_MAX_CGROUP_LEVEL, FILTER_PIDS,
+    PROCESS_EVENTS_BYTES, UNWIND_MAPPING_ENTRIES,
 };
 
 /// `CONTROL[CONTROL_ACTIVE_WINDOW]`: the window (0 or 1) programs write to.
@@ -26,9 +30,21 @@ pub static CONTROL: Array<u32> = Array::with_max_entries(CONTROL_ENTRIES, 0);
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
 
-/// Process ids to sample when `FILTER_BY_PID` is set; the value is unused.
+/// Filter entries by process id (tgid): `FILTER_ENTRY_*` bits. Written by
+/// userspace (pid rules, process names it matched); the exit program
+/// deletes a process's entry so a reused pid never inherits it.
 #[map]
 pub static PID_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
+
+/// Filter entries by cgroup v2 id (the inode number of the cgroup's
+/// directory): `FILTER_ENTRY_*` bits.
+#[map]
+pub static CGROUP_FILTER: HashMap<u64, u8> = HashMap::with_max_entries(1024, 0);
+
+/// Execs and exits for userspace, which reads what symbolization needs
+/// while the process still lives. Sized by userspace.
+#[map]
+pub static PROCESS_EVENTS: RingBuf = RingBuf::with_byte_size(PROCESS_EVENTS_BYTES, 0);
 
 /// Per-CPU buffers a stack is built in before it is deduplicated into a
 /// `STACKS_*` map (a stack does not fit the 512-byte BPF stack). One slot
@@ -91,10 +107,14 @@ pub fn unwind_tables() -> bool {
     unsafe { core::ptr::read_volatile(&UNWIND_TABLES) != 0 }
 }
 
-/// Non-zero: sample only the processes in `PID_FILTER`. Set by userspace at
-/// load time (read-only data, so the verifier prunes the check when zero).
+/// `FILTER_*` bits: which filter checks run. Set by userspace at load time
+/// (read-only data, so the verifier prunes the checks that are off).
 #[unsafe(no_mangle)]
-pub static FILTER_BY_PID: u8 = 0;
+pub static FILTER_FLAGS: u8 = 0;
+
+/// Bit L: the cgroup filter checks the ancestor at level L (read-only data).
+#[unsafe(no_mangle)]
+pub static FILTER_CGROUP_LEVELS: u32 = 0;
 
 /// Waits shorter than this are counted but not recorded.
 #[unsafe(no_mangle)]
@@ -113,8 +133,69 @@ pub static OFF_CPU_SYSCALL_EXIT: u8 = 1;
 // Volatile reads: otherwise the compiler folds the initial values into the
 // code and userspace's overrides have no effect.
 #[inline(always)]
-pub fn filter_by_pid() -> bool {
-    unsafe { core::ptr::read_volatile(&FILTER_BY_PID) != 0 }
+pub fn filter_flags() -> u8 {
+    unsafe { core::ptr::read_volatile(&FILTER_FLAGS) }
+}
+
+/// Whether the current task's process `tgid` is left out by the filter.
+/// With no filter this is one constant test the verifier removes; with a
+/// pid filter one hash lookup; with a cgroup filter one lookup for the
+/// task's own cgroup and one per level of the paths given.
+#[inline(always)]
+pub fn filtered_out(tgid: u32) -> bool {
+    let flags = filter_flags();
+    if flags == 0 {
+        return false;
+    }
+    let mut included = flags & FILTER_INCLUDE == 0;
+    if flags & FILTER_PIDS != 0 {
+        if let Some(entry) = unsafe { PID_FILTER.get(&tgid) } {
+            if *entry & FILTER_ENTRY_EXCLUDE != 0 {
+                return true;
+            }
+            included |= *entry & FILTER_ENTRY_INCLUDE != 0;
+        }
+    }
+    if flags & FILTER_CGROUPS != 0 {
+        // SAFETY: no preconditions.
+        let own = unsafe { bpf_get_current_cgroup_id() };
+        match cgroup_entry(own) {
+            CGROUP_EXCLUDED => return true,
+            CGROUP_INCLUDED => included = true,
+            _ => {}
+        }
+        let levels = unsafe { core::ptr::read_volatile(&FILTER_CGROUP_LEVELS) };
+        let mut level = 1;
+        while level <= FILTER_MAX_CGROUP_LEVEL {
+            if levels & (1 << level) != 0 {
+                // SAFETY: no preconditions; 0 above the task's own level.
+                let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+                match cgroup_entry(id) {
+                    CGROUP_EXCLUDED => return true,
+                    CGROUP_INCLUDED => included = true,
+                    _ => {}
+                }
+            }
+            level += 1;
+        }
+    }
+    !included
+}
+
+const CGROUP_NONE: u8 = 0;
+const CGROUP_INCLUDED: u8 = 1;
+const CGROUP_EXCLUDED: u8 = 2;
+
+#[inline(always)]
+fn cgroup_entry(id: u64) -> u8 {
+    if id == 0 {
+        return CGROUP_NONE;
+    }
+    match unsafe { CGROUP_FILTER.get(&id) } {
+        Some(entry) if *entry & FILTER_ENTRY_EXCLUDE != 0 => CGROUP_EXCLUDED,
+        Some(entry) if *entry & FILTER_ENTRY_INCLUDE != 0 => CGROUP_INCLUDED,
+        _ => CGROUP_NONE,
+    }
 }
 
 #[inline(always)]

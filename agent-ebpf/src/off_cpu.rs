@@ -59,9 +59,9 @@ use hearth_ebpf::{
 };
 
 use crate::maps::{
-    add, add_count, control, control_add, count, filter_by_pid, off_cpu_min_ns,
+    add, add_count, control, control_add, count, filtered_out, off_cpu_min_ns,
     off_cpu_sample_below, store_stack, syscall_exit_attached, with_window, TaskStorage, Window,
-    PID_FILTER, SCRATCH_STACK, SCRATCH_SWITCH_KERNEL, SCRATCH_SWITCH_USER, SCRATCH_SYSCALL_EXIT,
+    SCRATCH_STACK, SCRATCH_SWITCH_KERNEL, SCRATCH_SWITCH_USER, SCRATCH_SYSCALL_EXIT,
 };
 use crate::stack::{hash_stack, task_user_regs, walk_user_stack, UserRegs, KERNEL_SEED, USER_SEED};
 
@@ -187,7 +187,7 @@ fn try_switch_out(ctx: &BtfTracePointContext, epoch: u32, now: u64) -> Result<()
     if prev_state & TASK_DEAD != 0 {
         return Err(Stat::OffCpuExiting);
     }
-    if filter_by_pid() && PID_FILTER.get_ptr(tgid).is_none() {
+    if filtered_out(tgid) {
         return Err(Stat::OffCpuFiltered);
     }
     let below = off_cpu_sample_below();

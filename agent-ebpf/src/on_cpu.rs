@@ -17,8 +17,7 @@ use aya_ebpf::{
 use hearth_ebpf::{SampleKey, Stat, SAMPLE_IN_KERNEL};
 
 use crate::maps::{
-    add_count, bump, count, filter_by_pid, store_stack, with_window, Window, PID_FILTER,
-    SCRATCH_ON_CPU,
+    add_count, bump, count, filtered_out, store_stack, with_window, Window, SCRATCH_ON_CPU,
 };
 use crate::stack::{task_user_regs, walk_user_stack, UserRegs};
 
@@ -39,7 +38,7 @@ fn try_on_cpu_sample(ctx: &PerfEventContext) -> Result<(), Stat> {
     if tid == 0 {
         return Err(Stat::Idle);
     }
-    if filter_by_pid() && PID_FILTER.get_ptr(tgid).is_none() {
+    if filtered_out(tgid) {
         return Err(Stat::Filtered);
     }
     with_window(|window| record(ctx, tgid, tid, window))

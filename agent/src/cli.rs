@@ -63,9 +63,13 @@ pub struct RecordArgs {
           value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub frequency: u64,
 
-    /// Profile only this process (repeatable); default: every process.
-    #[arg(short, long = "pid", value_name = "PID")]
+    /// Profile only this process (repeatable; also `--include-pid`);
+    /// default: every process. Its children are not included.
+    #[arg(short, long = "pid", visible_alias = "include-pid", value_name = "PID")]
     pub pids: Vec<u32>,
+
+    #[command(flatten)]
+    pub filter: FilterArgs,
 
     /// Output file, format by extension: .svg (flame graph), .folded
     /// (folded stacks), .pb.gz (gzipped pprof). Repeatable.
@@ -102,6 +106,35 @@ pub struct RecordArgs {
 
     #[command(flatten)]
     pub off_cpu: OffCpuArgs,
+}
+
+/// Process filters besides `--pid` (shared by `record`; `run` has the same
+/// as configuration keys). Includes add up, excludes win.
+#[derive(Debug, Clone, Default, Args)]
+pub struct FilterArgs {
+    /// Leave this process out (repeatable).
+    #[arg(long = "exclude-pid", value_name = "PID")]
+    pub exclude_pids: Vec<u32>,
+
+    /// Profile processes whose name or executable file name matches this
+    /// regular expression (repeatable; matched at exec).
+    #[arg(long = "include-name", value_name = "REGEX")]
+    pub include_names: Vec<String>,
+
+    /// Leave out processes whose name or executable file name matches
+    /// (repeatable).
+    #[arg(long = "exclude-name", value_name = "REGEX")]
+    pub exclude_names: Vec<String>,
+
+    /// Profile processes in this cgroup v2 subtree: a directory of the
+    /// unified hierarchy or a path relative to it, as in /proc/PID/cgroup
+    /// (repeatable).
+    #[arg(long = "include-cgroup", value_name = "PATH")]
+    pub include_cgroups: Vec<String>,
+
+    /// Leave out processes in this cgroup v2 subtree (repeatable).
+    #[arg(long = "exclude-cgroup", value_name = "PATH")]
+    pub exclude_cgroups: Vec<String>,
 }
 
 /// What kind of time a record measures.

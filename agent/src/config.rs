@@ -18,6 +18,7 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Args};
 use serde::{Deserialize, Serialize};
 
+use crate::filter::{FilterRules, FilterSpec};
 use crate::unwind::UnwindMode;
 
 /// Default directory of the local store.
@@ -250,6 +251,69 @@ pub struct RunOptions {
     #[arg(long, env = "HEARTH_UNWIND_MEMORY", value_name = "SIZE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unwind_memory: Option<ByteSize>,
+
+    /// Profile only these processes (repeatable; comma-separated in the
+    /// environment). Includes add up: pids, names, cgroups.
+    #[arg(
+        long = "include-pid",
+        env = "HEARTH_INCLUDE_PID",
+        value_name = "PID",
+        value_delimiter = ','
+    )]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub include_pid: Vec<u32>,
+
+    /// Leave these processes out (repeatable); excludes win over includes.
+    #[arg(
+        long = "exclude-pid",
+        env = "HEARTH_EXCLUDE_PID",
+        value_name = "PID",
+        value_delimiter = ','
+    )]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude_pid: Vec<u32>,
+
+    /// Profile processes whose name or executable file name matches this
+    /// regular expression (repeatable; one expression in the environment,
+    /// use `a|b`).
+    #[arg(
+        long = "include-name",
+        env = "HEARTH_INCLUDE_NAME",
+        value_name = "REGEX"
+    )]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub include_name: Vec<String>,
+
+    /// Leave out processes whose name or executable file name matches.
+    #[arg(
+        long = "exclude-name",
+        env = "HEARTH_EXCLUDE_NAME",
+        value_name = "REGEX"
+    )]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude_name: Vec<String>,
+
+    /// Profile processes in this cgroup v2 subtree (a directory of the
+    /// unified hierarchy, or a path relative to it; comma-separated in the
+    /// environment).
+    #[arg(
+        long = "include-cgroup",
+        env = "HEARTH_INCLUDE_CGROUP",
+        value_name = "PATH",
+        value_delimiter = ','
+    )]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub include_cgroup: Vec<String>,
+
+    /// Leave out processes in this cgroup v2 subtree.
+    #[arg(
+        long = "exclude-cgroup",
+        env = "HEARTH_EXCLUDE_CGROUP",
+        value_name = "PATH",
+        value_delimiter = ','
+    )]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude_cgroup: Vec<String>,
 }
 
 /// A duration written like `10s`, `500ms`, `7d` (a bare number is seconds).
@@ -429,6 +493,8 @@ pub struct Config {
     pub unwind: UnwindMode,
     /// Cap on unwind table memory, bytes.
     pub unwind_memory: u64,
+    /// Include/exclude rules (checked by [`Config::resolve`]).
+    pub filter: FilterRules,
 }
 
 impl Default for Config {
@@ -451,6 +517,7 @@ impl Default for Config {
             off_cpu: None,
             unwind: UnwindMode::default(),
             unwind_memory: crate::unwind::DEFAULT_TABLE_MEMORY,
+            filter: FilterRules::default(),
         }
     }
 }
@@ -557,7 +624,17 @@ impl Config {
         } else {
             None
         };
+        let filter = FilterRules {
+            include_pids: opts.include_pid.clone(),
+            exclude_pids: opts.exclude_pid.clone(),
+            include_names: opts.include_name.clone(),
+            exclude_names: opts.exclude_name.clone(),
+            include_cgroups: opts.include_cgroup.clone(),
+            exclude_cgroups: opts.exclude_cgroup.clone(),
+        };
+        FilterSpec::new(&filter).map_err(|e| ConfigError::invalid(e.flag(), e.to_string()))?;
         Ok(Config {
+            filter,
             frequency_hz,
             interval,
             otlp,
@@ -624,6 +701,12 @@ impl Config {
             off_cpu_sample: self.off_cpu.map(|o| o.sample_probability),
             unwind: Some(self.unwind),
             unwind_memory: Some(ByteSize(self.unwind_memory)),
+            include_pid: self.filter.include_pids.clone(),
+            exclude_pid: self.filter.exclude_pids.clone(),
+            include_name: self.filter.include_names.clone(),
+            exclude_name: self.filter.exclude_names.clone(),
+            include_cgroup: self.filter.include_cgroups.clone(),
+            exclude_cgroup: self.filter.exclude_cgroups.clone(),
         };
         toml::to_string(&opts).unwrap_or_else(|e| format!("# cannot print the config: {e}\n"))
     }

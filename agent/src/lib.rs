@@ -12,6 +12,8 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod export;
+pub mod filter;
+pub mod incarnation;
 pub mod metrics;
 pub mod pipeline;
 pub mod process;

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
 use crate::bpf::{RawSample, RawWindow};
-use crate::process::ProcessTable;
+use crate::filter::FilterSpec;
+use crate::incarnation::{monotonic_ns, Capture, Changes, Image, ProcessKey, Tracker};
+use crate::process::{start_time, ProcessTable};
 use crate::profile::{
     Frame, FrameId, FrameKind, OffCpuReason, OffCpuSettings, Profile, ProfileBuilder, ProfileMeta,
     SampleKind,
@@ -27,7 +29,14 @@ pub struct WindowProfiles {
 pub struct WindowProcessor<S> {
     symbolizer: S,
     processes: ProcessTable,
+    /// Which incarnation of a pid each sample belongs to.
+    tracker: Tracker,
+    /// Process-name exclusions applied again at drain (samples taken
+    /// between an exec and the kernel learning its verdict).
+    filter: FilterSpec,
     hostname: String,
+    /// Samples dropped by the name filter at drain, in all.
+    pub filtered_at_drain: u64,
 }
 
 /// Symbolized stacks of one window, each distinct stack symbolized once
@@ -36,7 +45,7 @@ pub struct WindowProcessor<S> {
 struct StackCache {
     kernel: HashMap<u32, Vec<FrameId>>,
     blocked: HashMap<u64, Vec<FrameId>>,
-    user: HashMap<(u32, u64), Vec<FrameId>>,
+    user: HashMap<(ProcessKey, u64), Vec<FrameId>>,
 }
 
 impl<S: Symbolize> WindowProcessor<S> {
@@ -44,8 +53,62 @@ impl<S: Symbolize> WindowProcessor<S> {
         Self {
             symbolizer,
             processes: ProcessTable::new(),
+            tracker: Tracker::new(),
+            filter: FilterSpec::default(),
             hostname: hostname(),
+            filtered_at_drain: 0,
         }
+    }
+
+    /// Applies `filter`'s process-name exclusions to drained samples too.
+    pub fn with_filter(mut self, filter: FilterSpec) -> Self {
+        self.filter = filter;
+        self
+    }
+
+    /// Incarnations currently tracked from exec events.
+    pub fn tracked_processes(&self) -> usize {
+        self.tracker.len()
+    }
+
+    fn apply(&mut self, changes: Changes) {
+        for capture in &changes.adopted {
+            self.symbolizer.adopt(capture);
+        }
+        for &key in &changes.ended {
+            self.symbolizer.ended(key);
+        }
+        for &key in &changes.forgotten {
+            self.symbolizer.forget(key);
+            self.processes.forget(key);
+        }
+    }
+
+    /// The incarnation a sample belongs to, and its capture if it has one.
+    /// `live` caches /proc start times for this window.
+    fn resolve(
+        &self,
+        sample: &RawSample,
+        live: &mut HashMap<u32, Option<u64>>,
+    ) -> (ProcessKey, Option<Arc<Capture>>) {
+        let pid = sample.tgid;
+        if let Some((key, capture)) = self.tracker.resolve(pid, sample.last_seen_ns) {
+            return (key, Some(capture.clone()));
+        }
+        let ticks = *live.entry(pid).or_insert_with(|| start_time(pid));
+        let image = match ticks {
+            // /proc shows a process whose captured exec came after the
+            // sample: the sample ran the image before it, never captured.
+            _ if self
+                .tracker
+                .before_first_exec(pid, sample.last_seen_ns, ticks) =>
+            {
+                Image::Unknown
+            }
+            Some(ticks) => Image::Started(ticks),
+            None => Image::Unknown,
+        };
+        (ProcessKey::new(pid, image), None)
     }
 
     pub fn symbolizer(&self) -> &S {
@@ -70,6 +133,10 @@ impl<S: Symbolize> WindowProcessor<S> {
         let mut on_cpu = ProfileBuilder::new(meta(SampleKind::OnCpu, frequency_hz));
         // Off-CPU time is not sampled at a frequency.
         let mut off = off_cpu.map(|s| (s, ProfileBuilder::new(meta(SampleKind::OffCpu(s), 0))));
+        let mut changes = Changes::default();
+        self.tracker.ingest(&window.process_events, &mut changes);
+        self.apply(changes);
+        let mut live = HashMap::new();
         let mut on_cpu_stacks = StackCache::default();
         let mut off_cpu_stacks = StackCache::default();
         let mut frames = Vec::new();
@@ -90,9 +157,17 @@ impl<S: Symbolize> WindowProcessor<S> {
                 // the programs are attached only with them.
                 (Some(_), None) => continue,
             };
+            let (key, capture) = self.resolve(sample, &mut live);
+            let process = self.processes.lookup(key, &sample.comm, capture.as_deref());
+            if !self
+                .filter
+                .allows_name(&process.name, process.executable.as_deref())
+            {
+                self.filtered_at_drain += sample.count;
+                continue;
+            }
             frames.clear();
-            self.stack_frames(window, sample, builder, stacks, &mut frames);
-            let process = self.processes.lookup(sample.tgid, &sample.comm);
+            self.stack_frames(window, sample, key, builder, stacks, &mut frames);
             let process = builder.intern_process(&process);
             let last_seen_unix_ns = sample
                 .last_seen
@@ -110,6 +185,9 @@ impl<S: Symbolize> WindowProcessor<S> {
         }
         self.symbolizer.end_window();
         self.processes.end_window();
+        let mut changes = Changes::default();
+        self.tracker.end_window(monotonic_ns(), &mut changes);
+        self.apply(changes);
         WindowProfiles {
             on_cpu: on_cpu.build(),
             off_cpu: off.map(|(_, builder)| builder.build()),
@@ -122,6 +200,7 @@ impl<S: Symbolize> WindowProcessor<S> {
         &mut self,
         window: &RawWindow,
         sample: &RawSample,
+        process: ProcessKey,
         builder: &mut ProfileBuilder,
         cache: &mut StackCache,
         frames: &mut Vec<FrameId>,
@@ -162,33 +241,30 @@ impl<S: Symbolize> WindowProcessor<S> {
             frames.extend(lost_kernel(builder));
         }
         if sample.user_stack != 0 {
-            let stack = cache
-                .user
-                .entry((sample.tgid, sample.user_stack))
-                .or_insert_with(|| {
-                    let mut out = Vec::new();
-                    match window.stacks.get(&sample.user_stack) {
-                        Some(raw) => {
-                            self.symbolizer
-                                .user_stack(sample.tgid, &raw.ips, builder, &mut out);
-                            if raw.truncated {
-                                out.push(
-                                    builder.intern_frame(&Frame::named(
+            let stack =
+                cache
+                    .user
+                    .entry((process, sample.user_stack))
+                    .or_insert_with(|| {
+                        let mut out = Vec::new();
+                        match window.stacks.get(&sample.user_stack) {
+                            Some(raw) => {
+                                self.symbolizer
+                                    .user_stack(process, &raw.ips, builder, &mut out);
+                                if raw.truncated {
+                                    out.push(builder.intern_frame(&Frame::named(
                                         "[truncated]",
                                         FrameKind::Native,
-                                    )),
-                                );
+                                    )));
+                                }
                             }
-                        }
-                        None => {
-                            out.push(builder.intern_frame(&Frame::named(
+                            None => out.push(builder.intern_frame(&Frame::named(
                                 "[lost user stack]",
                                 FrameKind::Native,
-                            )))
+                            ))),
                         }
-                    }
-                    out
-                });
+                        out
+                    });
             frames.extend_from_slice(stack);
         }
     }
@@ -239,6 +315,127 @@ mod tests {
         assert_eq!(choose_hostname(None, some("web1\n")), "web1");
         assert_eq!(choose_hostname(some(" "), some("web1\n")), "web1");
         assert_eq!(choose_hostname(None, None), "unknown");
+    }
+
+    use std::time::{Duration, SystemTime};
+
+    use crate::bpf::{BpfStats, RawStack};
+    use crate::incarnation::{fake_capture, ProcessEvent};
+    use crate::symbolize::fake::MapSymbolizer;
+
+    fn sample(pid: u32, stack: u64, at_ns: u64) -> RawSample {
+        RawSample {
+            tgid: pid,
+            tid: pid,
+            comm: "thread".into(),
+            user_stack: stack,
+            kernel_stack: None,
+            in_kernel: false,
+            count: 1,
+            last_seen: SystemTime::now(),
+            last_seen_ns: at_ns,
+            off_cpu: None,
+        }
+    }
+
+    fn window(samples: Vec<RawSample>, events: Vec<ProcessEvent>) -> RawWindow {
+        let stack = |ip| RawStack {
+            ips: vec![ip],
+            truncated: false,
+            kernel: false,
+        };
+        RawWindow {
+            start: SystemTime::now() - Duration::from_secs(1),
+            end: SystemTime::now(),
+            samples,
+            stacks: [(1, stack(0x10)), (2, stack(0x20))].into_iter().collect(),
+            kernel_stacks: HashMap::new(),
+            stats: BpfStats::default(),
+            process_events: events,
+        }
+    }
+
+    fn leaves(profile: &Profile) -> Vec<(u32, String, String)> {
+        let mut out: Vec<_> = profile
+            .samples
+            .iter()
+            .map(|s| {
+                let p = profile.process(s.process);
+                let leaf = profile.frame(s.frames[0]).function.to_string();
+                (p.pid, p.name.to_string(), leaf)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// A pid reused within one window, by two short-lived processes gone
+    /// before the drain: each sample gets its own process's symbols and
+    /// name, matched by time to the exec and exit events; the images are
+    /// forgotten once their samples are drained.
+    #[test]
+    fn a_reused_pid_gets_the_new_processs_symbols_and_name() {
+        let pid = 4_000_000; // beyond pid_max: never in /proc
+        let symbolizer = MapSymbolizer::new()
+            .with_image("first", 0x10, "first_main")
+            .with_image("second", 0x10, "second_main")
+            .with(0x20, "shared");
+        let mut processor = WindowProcessor::new(symbolizer);
+        let events = vec![
+            ProcessEvent::Exec(fake_capture(pid, 1_000, "first")),
+            ProcessEvent::Exit {
+                pid,
+                time_ns: 2_000,
+            },
+            ProcessEvent::Exec(fake_capture(pid, 3_000, "second")),
+            ProcessEvent::Exit {
+                pid,
+                time_ns: 4_000,
+            },
+        ];
+        let samples = vec![
+            sample(pid, 1, 1_500),
+            sample(pid, 1, 3_500),
+            // Same stack, same pid, after both exited (a fork that did not
+            // exec, unknown): neither image's symbols.
+            sample(pid, 1, 4_500),
+        ];
+        let profiles = processor.process(&window(samples, events), 99, None);
+        assert_eq!(
+            leaves(&profiles.on_cpu),
+            [
+                (pid, "first".into(), "first_main".into()),
+                (pid, "second".into(), "second_main".into()),
+                (pid, "thread".into(), "[unknown]".into()),
+            ]
+        );
+        // One more window and the ended images are forgotten.
+        assert_eq!(processor.tracked_processes(), 2);
+        processor.process(&window(Vec::new(), Vec::new()), 99, None);
+        assert_eq!(processor.tracked_processes(), 0);
+        let forgotten = &processor.symbolizer().forgotten;
+        assert_eq!(forgotten.len(), 2, "{forgotten:?}");
+    }
+
+    /// Samples of a process a name rule excludes, taken before the kernel
+    /// learned the verdict, are dropped at drain.
+    #[test]
+    fn excluded_names_are_dropped_at_drain() {
+        let filter = FilterSpec::new(&crate::filter::FilterRules {
+            exclude_names: vec!["^noisy$".into()],
+            ..Default::default()
+        })
+        .unwrap();
+        let mut processor = WindowProcessor::new(MapSymbolizer::new()).with_filter(filter);
+        let events = vec![
+            ProcessEvent::Exec(fake_capture(4_000_001, 1_000, "noisy")),
+            ProcessEvent::Exec(fake_capture(4_000_002, 1_000, "quiet")),
+        ];
+        let samples = vec![sample(4_000_001, 1, 1_500), sample(4_000_002, 2, 1_500)];
+        let profiles = processor.process(&window(samples, events), 99, None);
+        let names: Vec<String> = leaves(&profiles.on_cpu).into_iter().map(|l| l.1).collect();
+        assert_eq!(names, ["quiet"]);
+        assert_eq!(processor.filtered_at_drain, 1);
     }
 
     #[test]

@@ -1,27 +1,30 @@
 //! Process metadata: the name and executable of each sampled process.
 //!
-//! Entries are keyed by pid and checked against the process start time once
-//! per window, so a reused pid never inherits another process's metadata.
-//! Processes that exited before we looked are named after the thread name
-//! the kernel recorded with the sample.
+//! Entries are keyed by [`ProcessKey`] (pid and which incarnation), so a
+//! reused pid never inherits another process's metadata: an image captured
+//! at its exec is named from that capture, even once it is gone; a process
+//! whose exec was not seen is read from /proc under its start time (the
+//! pipeline resolves it once per window). Processes that exited before we
+//! looked are named after the thread name the kernel recorded with the
+//! sample.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::incarnation::{Capture, Image, ProcessKey};
 use crate::profile::Process;
 
 #[derive(Debug)]
 struct Entry {
-    start_time: u64,
     process: Process,
-    /// Window in which the start time was last confirmed.
-    checked_in: u64,
+    /// Window in which it was last looked up.
+    seen_in: u64,
 }
 
-/// Cache of [`Process`] metadata by pid.
+/// Cache of [`Process`] metadata by process image.
 #[derive(Debug, Default)]
 pub struct ProcessTable {
-    entries: HashMap<u32, Entry>,
+    entries: HashMap<ProcessKey, Entry>,
     window: u64,
 }
 
@@ -30,49 +33,61 @@ impl ProcessTable {
         Self::default()
     }
 
-    /// Metadata of `pid`. `thread_comm` names the process when /proc no
-    /// longer has it.
-    pub fn lookup(&mut self, pid: u32, thread_comm: &str) -> Process {
-        if let Some(entry) = self.entries.get(&pid) {
-            if entry.checked_in == self.window {
-                return entry.process.clone();
-            }
-        }
-        let Some(start_time) = start_time(pid) else {
-            // Exited: keep what we knew, else fall back to the thread name.
-            return match self.entries.get(&pid) {
-                Some(entry) => entry.process.clone(),
-                None => Process {
-                    pid,
-                    name: thread_comm.into(),
-                    executable: None,
-                },
-            };
-        };
+    /// Metadata of `key`. `capture` is what was read of the image at its
+    /// exec, if it was; `thread_comm` names the process when nothing else
+    /// does.
+    pub fn lookup(
+        &mut self,
+        key: ProcessKey,
+        thread_comm: &str,
+        capture: Option<&Capture>,
+    ) -> Process {
         let window = self.window;
-        if let Some(entry) = self.entries.get_mut(&pid) {
-            if entry.start_time == start_time {
-                entry.checked_in = window;
-                return entry.process.clone();
-            }
+        if let Some(entry) = self.entries.get_mut(&key) {
+            entry.seen_in = window;
+            return entry.process.clone();
         }
-        let process = read_process(pid, thread_comm);
+        let process = match (key.image, capture) {
+            (Image::Exec(_), Some(capture)) => Process {
+                pid: key.pid,
+                name: capture.name.as_str().into(),
+                executable: capture.executable.clone(),
+            },
+            (Image::Started(_), _) => read_process(key.pid, thread_comm),
+            _ => Process {
+                pid: key.pid,
+                name: thread_comm.into(),
+                executable: None,
+            },
+        };
         self.entries.insert(
-            pid,
+            key,
             Entry {
-                start_time,
                 process: process.clone(),
-                checked_in: window,
+                seen_in: window,
             },
         );
         process
     }
 
-    /// Forgets processes that were not seen in this window and have exited.
+    /// Drops an image whose samples are all drained.
+    pub fn forget(&mut self, key: ProcessKey) {
+        self.entries.remove(&key);
+    }
+
+    /// Forgets processes that were not seen in this window and are gone:
+    /// started ones whose pid now has another start time (or none),
+    /// unknown ones. Captured images go when the pipeline forgets them.
     pub fn end_window(&mut self) {
         let window = self.window;
-        self.entries
-            .retain(|&pid, e| e.checked_in == window || start_time(pid).is_some());
+        self.entries.retain(|key, e| {
+            e.seen_in == window
+                || match key.image {
+                    Image::Started(_) => key.start_ticks_match(start_time(key.pid)),
+                    Image::Exec(_) => true,
+                    Image::Unknown => false,
+                }
+        });
         self.window += 1;
     }
 
@@ -113,10 +128,14 @@ fn read_process(pid: u32, thread_comm: &str) -> Process {
 mod tests {
     use super::*;
 
+    fn live(pid: u32) -> ProcessKey {
+        ProcessKey::new(pid, Image::Started(start_time(pid).unwrap()))
+    }
+
     #[test]
     fn looks_up_this_process() {
         let mut table = ProcessTable::new();
-        let me = table.lookup(std::process::id(), "fallback");
+        let me = table.lookup(live(std::process::id()), "fallback", None);
         assert_eq!(me.pid, std::process::id());
         assert_ne!(&*me.name, "fallback");
         let exe = std::env::current_exe().unwrap();
@@ -128,11 +147,32 @@ mod tests {
     fn exited_process_is_named_after_its_thread() {
         let mut table = ProcessTable::new();
         // Beyond pid_max (at most 2^22), so never a live process.
-        let gone = table.lookup(u32::MAX - 1, "short-lived");
+        let gone = table.lookup(
+            ProcessKey::new(u32::MAX - 1, Image::Unknown),
+            "short-lived",
+            None,
+        );
         assert_eq!(&*gone.name, "short-lived");
         assert!(gone.executable.is_none());
         table.end_window();
+        table.end_window();
         assert!(table.is_empty());
+    }
+
+    #[test]
+    fn captured_images_keep_their_names_until_forgotten() {
+        let mut table = ProcessTable::new();
+        let first = crate::incarnation::fake_capture(4242, 100, "first");
+        let second = crate::incarnation::fake_capture(4242, 200, "second");
+        let a = table.lookup(first.key(), "x", Some(&first));
+        let b = table.lookup(second.key(), "x", Some(&second));
+        assert_eq!((&*a.name, &*b.name), ("first", "second"));
+        assert_eq!(b.executable.as_deref(), Some("/usr/bin/second"));
+        table.end_window();
+        table.end_window();
+        assert_eq!(table.len(), 2);
+        table.forget(first.key());
+        assert_eq!(table.len(), 1);
     }
 
     #[test]

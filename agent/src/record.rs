@@ -6,6 +6,7 @@
 //! that exit mid-record are still symbolized.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use tracing::{info, warn};
@@ -15,6 +16,7 @@ use crate::bpf::{
 };
 use crate::cli::{RecordArgs, RecordMode};
 use crate::export::{self, ExportError, OutputFormat};
+use crate::filter::{FilterError, FilterRules, FilterSpec};
 use crate::pipeline::{hostname, WindowProcessor};
 use crate::profile::{
     wall_clock, OffCpuSettings, Profile, ProfileBuilder, ProfileMeta, SampleKind,
@@ -29,6 +31,8 @@ pub enum RecordError {
     Bpf(#[from] BpfError),
     #[error("process {0} does not exist")]
     NoSuchProcess(u32),
+    #[error(transparent)]
+    Filter(#[from] FilterError),
     #[error("{0}")]
     UnknownFormat(ExportError),
     #[error("cannot write {path}: {source}")]
@@ -46,7 +50,7 @@ impl RecordError {
     /// Process exit code for this error; documented in README.
     pub fn exit_code(&self) -> u8 {
         match self {
-            RecordError::UnknownFormat(_) => 2,
+            RecordError::UnknownFormat(_) | RecordError::Filter(_) => 2,
             RecordError::Bpf(BpfError::Privileges(_)) => 3,
             RecordError::Bpf(BpfError::NoBtf { .. }) => 4,
             RecordError::NoSuchProcess(_) => 5,
@@ -97,6 +101,16 @@ impl RecordSummary {
                 stats.get(Stat::Idle)
             );
         }
+        let filtered = stats.get(Stat::Filtered) + stats.get(Stat::OffCpuFiltered);
+        if filtered > 0 {
+            line += &format!(", {filtered} filtered out in the kernel (no stack walk)");
+        }
+        if stats.get(Stat::ProcessEventsLost) > 0 {
+            line += &format!(
+                ", {} process events lost (ring buffer full)",
+                stats.get(Stat::ProcessEventsLost)
+            );
+        }
         if let Some(u) = &self.unwind {
             line += &format!(
                 "; unwind tables: {} files ({} KiB) for {} processes",
@@ -132,6 +146,18 @@ pub async fn record(args: &RecordArgs) -> Result<RecordSummary, RecordError> {
             return Err(RecordError::NoSuchProcess(pid));
         }
     }
+    let filter = FilterSpec::new(&FilterRules {
+        include_pids: Vec::new(),
+        exclude_pids: args.filter.exclude_pids.clone(),
+        include_names: args.filter.include_names.clone(),
+        exclude_names: args.filter.exclude_names.clone(),
+        include_cgroups: args.filter.include_cgroups.clone(),
+        exclude_cgroups: args.filter.exclude_cgroups.clone(),
+    })?;
+    // Stop when every --pid target exited, unless other rules include more.
+    let only_pids = !args.pids.is_empty()
+        && filter.include_names.is_empty()
+        && filter.include_cgroups.is_empty();
     bpf::check_privileges()?;
     bpf::check_btf(&args.kernel_btf)?;
 
@@ -151,6 +177,7 @@ pub async fn record(args: &RecordArgs) -> Result<RecordSummary, RecordError> {
             force_syscall_exit: args.off_cpu.off_cpu_syscall_exit,
         }),
         pids: args.pids.clone(),
+        filter: filter.clone(),
         unwind: args.unwind,
         unwind_memory: args.unwind_memory,
         unwind_wait: if args.pids.is_empty() {
@@ -166,13 +193,15 @@ pub async fn record(args: &RecordArgs) -> Result<RecordSummary, RecordError> {
         ?mode,
         duration = ?args.duration,
         pids = ?args.pids,
+        filter = filter.describe(),
         "recording"
     );
 
     let mut processor = WindowProcessor::new(BlazeSymbolizer::with_config(SymbolizerConfig {
         debug_syms: args.debuginfo,
         ..SymbolizerConfig::default()
-    }));
+    }))
+    .with_filter(filter);
     let meta = |kind| ProfileMeta {
         kind,
         start: SystemTime::now(),
@@ -198,7 +227,7 @@ pub async fn record(args: &RecordArgs) -> Result<RecordSummary, RecordError> {
                 break;
             }
             _ = poll.tick() => {
-                if !args.pids.is_empty() && args.pids.iter().all(|p| !Path::new(&format!("/proc/{p}")).exists()) {
+                if only_pids && args.pids.iter().all(|p| !Path::new(&format!("/proc/{p}")).exists()) {
                     info!("every target process exited");
                     break;
                 }
@@ -227,6 +256,17 @@ pub async fn record(args: &RecordArgs) -> Result<RecordSummary, RecordError> {
             "unwind tables"
         );
     }
+    let events = sampler.event_counters();
+    info!(
+        execs = events.execs.load(Ordering::Relaxed),
+        exits = events.exits.load(Ordering::Relaxed),
+        captures_too_late = events.captures_too_late.load(Ordering::Relaxed),
+        captures_dropped = events.captures_dropped.load(Ordering::Relaxed),
+        recaptures = events.recaptures.load(Ordering::Relaxed),
+        capture_ms = events.capture_ns.load(Ordering::Relaxed) / 1_000_000,
+        filtered_at_drain = processor.filtered_at_drain,
+        "process events"
+    );
     drop(sampler);
     let elapsed = started.elapsed();
 

@@ -17,6 +17,7 @@ use hearth_ebpf::{
 
 use super::loader::{set_active_window, Sampler};
 use super::{map_error, BpfError, SampleSource};
+use crate::incarnation::ProcessEvent;
 
 /// Longer than any program run by orders of magnitude.
 const FLIP_GRACE: Duration = Duration::from_millis(5);
@@ -52,6 +53,9 @@ pub struct RawSample {
     pub count: u64,
     /// Wall-clock time of the latest of these samples.
     pub last_seen: SystemTime,
+    /// The same as `bpf_ktime_get_ns` (CLOCK_MONOTONIC), the clock of
+    /// process events: which incarnation of the pid the sample belongs to.
+    pub last_seen_ns: u64,
     /// Set for off-CPU samples.
     pub off_cpu: Option<RawOffCpu>,
 }
@@ -124,6 +128,9 @@ pub struct RawWindow {
     /// Leaf first.
     pub kernel_stacks: HashMap<u32, Vec<u64>>,
     pub stats: BpfStats,
+    /// Execs (with what was captured of each process) and exits since the
+    /// previous window, in order.
+    pub process_events: Vec<ProcessEvent>,
 }
 
 impl SampleSource for Sampler {
@@ -138,6 +145,10 @@ impl SampleSource for Sampler {
         let mut stacks = self.take_stacks(names::STACKS[drained])?;
         let kernel_stacks = self.take_kernel_stacks(names::KERNEL_STACKS[drained])?;
         let stats = self.stats_delta()?;
+        // After the grace: the exec of every process sampled in the window
+        // was reported before its samples; its capture is in the channel
+        // unless the event thread is still reading it.
+        let process_events: Vec<ProcessEvent> = self.process_events.try_iter().collect();
         if self.off_cpu() {
             self.carry_stacks_over(&samples, &mut stacks);
         }
@@ -158,6 +169,7 @@ impl SampleSource for Sampler {
             stacks,
             kernel_stacks,
             stats,
+            process_events,
         })
     }
 
@@ -219,6 +231,7 @@ impl Sampler {
                 in_kernel: key.flags & SAMPLE_IN_KERNEL != 0,
                 count,
                 last_seen: clock.to_wall(last_seen_ns),
+                last_seen_ns,
                 off_cpu: (key.flags & SAMPLE_OFF_CPU != 0).then_some(RawOffCpu {
                     blocked_ns: off_cpu_ns,
                     involuntary: key.flags & SAMPLE_INVOLUNTARY != 0,

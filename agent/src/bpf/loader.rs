@@ -5,7 +5,9 @@
 
 use std::time::{Duration, SystemTime};
 
-use aya::maps::{Array, HashMap as BpfHashMap};
+use std::sync::mpsc::{Receiver, Sender};
+
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, RingBuf};
 use aya::programs::perf_event::{
     PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent,
 };
@@ -15,9 +17,13 @@ use aya::{Btf, Ebpf, EbpfLoader};
 use aya_obj::btf::BtfKind;
 use hearth_ebpf::{
     names, Stat, CONTROL_ACTIVE_WINDOW, CONTROL_OFF_CPU_EPOCH, CONTROL_OFF_CPU_PENDING,
+    FILTER_CGROUPS, FILTER_ENTRY_EXCLUDE, FILTER_ENTRY_INCLUDE, FILTER_PIDS,
 };
 
+use super::events::{self, EventCounters, EventMaps, EventThread};
 use super::{map_error, BpfError};
+use crate::filter::{FilterHandle, FilterSpec, FilterUpdate};
+use crate::incarnation::ProcessEvent;
 use crate::unwind::{self, UnwindMode, UnwindStats, Unwinder};
 
 /// The kernel programs, built by `cargo xtask` and embedded at compile time.
@@ -64,8 +70,11 @@ pub struct SamplerOptions {
     pub frequency_hz: u64,
     /// Follow context switches to record off-CPU time.
     pub off_cpu: Option<OffCpuOptions>,
-    /// Sample only these processes; empty samples the whole host.
+    /// Sample only these processes; empty samples the whole host. Merged
+    /// with `filter`'s include pids.
     pub pids: Vec<u32>,
+    /// Include/exclude rules (pids, process names, cgroups).
+    pub filter: FilterSpec,
     /// Distinct (thread, stack) pairs one window can hold.
     pub max_sample_keys: u32,
     /// Distinct stacks one window can hold: user stacks, and the kernel
@@ -89,6 +98,7 @@ impl Default for SamplerOptions {
             frequency_hz: 19,
             off_cpu: None,
             pids: Vec::new(),
+            filter: FilterSpec::default(),
             max_sample_keys: 16 * 1024,
             max_stacks: 8 * 1024,
             max_kernel_stacks: 4 * 1024,
@@ -118,12 +128,23 @@ pub struct Sampler {
     off_cpu_links: Vec<(&'static str, BtfTracePointLinkId)>,
     /// Loads unwind tables in the background (`None` with `--unwind fp`).
     pub(super) unwinder: Option<Unwinder>,
+    /// Reads the process-event ring buffer and captures new processes.
+    events: EventThread,
+    /// Its captures and exits, taken by each drain.
+    pub(super) process_events: Receiver<ProcessEvent>,
+    /// Runtime filter updates, applied by the event thread.
+    filter_updates: Sender<FilterUpdate>,
+    /// The process-event programs' links (attached for the sampler's life).
+    _process_links: Vec<(&'static str, BtfTracePointLinkId)>,
 }
 
 impl Sampler {
     /// Loads and attaches; sampling runs from the moment this returns.
     pub fn start(opts: &SamplerOptions) -> Result<Self, BpfError> {
-        let filter_by_pid = u8::from(!opts.pids.is_empty());
+        let mut filter = opts.filter.clone();
+        filter.include_pids.extend(&opts.pids);
+        let filter_flags = filter.kernel_flags();
+        let cgroup_levels = filter.cgroup_levels();
         let mut loader = EbpfLoader::new();
         // The off-CPU programs keep per-thread state in task storage, which
         // aya creates but offers no userspace handle for; none is needed.
@@ -137,8 +158,21 @@ impl Sampler {
         for name in names::KERNEL_STACKS {
             loader.map_max_entries(name, opts.max_kernel_stacks);
         }
-        loader.map_max_entries(names::PID_FILTER, opts.pids.len().max(1) as u32);
-        loader.override_global(names::FILTER_BY_PID, &filter_by_pid, true);
+        // Name rules add a process's pid when it execs: room for many.
+        let pid_entries = if filter.has_names() {
+            MAX_FILTER_PIDS
+        } else {
+            filter.include_pids.len() + filter.exclude_pids.len()
+        };
+        loader.map_max_entries(names::PID_FILTER, pid_entries.max(1) as u32);
+        let cgroup_entries = if filter.runtime_cgroups != (false, false) {
+            MAX_FILTER_CGROUPS
+        } else {
+            filter.include_cgroups.len() + filter.exclude_cgroups.len()
+        };
+        loader.map_max_entries(names::CGROUP_FILTER, cgroup_entries.max(1) as u32);
+        loader.override_global(names::FILTER_FLAGS, &filter_flags, true);
+        loader.override_global(names::FILTER_CGROUP_LEVELS, &cgroup_levels, true);
         let off_cpu = opts.off_cpu.unwrap_or_default();
         let sample_below = off_cpu.sample_below();
         loader.override_global(names::OFF_CPU_MIN_NS, &off_cpu.min_ns, true);
@@ -146,13 +180,10 @@ impl Sampler {
         // Threads come back through `rseq_update` where the kernel fires it
         // after every switch; `sys_exit`, which runs on every system call,
         // only elsewhere.
-        let off_cpu_btf = match opts.off_cpu {
-            Some(_) => Some(Btf::from_sys_fs().map_err(BpfError::Btf)?),
-            None => None,
-        };
-        let use_rseq = off_cpu_btf.as_ref().is_some_and(|btf| {
-            !off_cpu.force_syscall_exit && rseq_update_follows_every_switch(btf)
-        });
+        let btf = Btf::from_sys_fs().map_err(BpfError::Btf)?;
+        let use_rseq = opts.off_cpu.is_some()
+            && !off_cpu.force_syscall_exit
+            && rseq_update_follows_every_switch(&btf);
         let syscall_exit = u8::from(!use_rseq);
         loader.override_global(names::OFF_CPU_SYSCALL_EXIT, &syscall_exit, true);
         let tables = u8::from(opts.unwind != UnwindMode::Fp);
@@ -164,23 +195,57 @@ impl Sampler {
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
 
-        {
-            let map = ebpf
-                .map_mut(names::PID_FILTER)
-                .ok_or(BpfError::Missing(names::PID_FILTER))?;
-            let mut filter: BpfHashMap<_, u32, u8> =
-                BpfHashMap::try_from(map).map_err(map_error(names::PID_FILTER))?;
-            for &pid in &opts.pids {
-                filter
-                    .insert(pid, 1, 0)
-                    .map_err(map_error(names::PID_FILTER))?;
+        let mut cgroups: Option<BpfHashMap<MapData, u64, u8>> = None;
+        if filter_flags & FILTER_CGROUPS != 0 {
+            let map = take_map(&mut ebpf, names::CGROUP_FILTER)?;
+            let mut map = BpfHashMap::try_from(map).map_err(map_error(names::CGROUP_FILTER))?;
+            for (list, bits) in [
+                (&filter.include_cgroups, FILTER_ENTRY_INCLUDE),
+                (&filter.exclude_cgroups, FILTER_ENTRY_EXCLUDE),
+            ] {
+                for cgroup in list {
+                    let old = map.get(&cgroup.id, 0).unwrap_or(0);
+                    map.insert(cgroup.id, old | bits, 0)
+                        .map_err(map_error(names::CGROUP_FILTER))?;
+                }
             }
+            cgroups = Some(map);
         }
+        let pids = if filter_flags & FILTER_PIDS != 0 {
+            let map = take_map(&mut ebpf, names::PID_FILTER)?;
+            Some(BpfHashMap::try_from(map).map_err(map_error(names::PID_FILTER))?)
+        } else {
+            None
+        };
+        let ring = RingBuf::try_from(take_map(&mut ebpf, names::PROCESS_EVENTS)?)
+            .map_err(map_error(names::PROCESS_EVENTS))?;
+        let (events_tx, process_events) = std::sync::mpsc::sync_channel(events::MAX_PENDING);
+        let (filter_updates, updates_rx) = std::sync::mpsc::channel();
+        let events = EventThread::spawn(
+            EventMaps {
+                ring,
+                pids,
+                cgroups,
+            },
+            filter,
+            events_tx,
+            updates_rx,
+        )
+        .map_err(BpfError::Thread)?;
         set_active_window(&mut ebpf, 0)?;
 
         on_cpu_program(&mut ebpf)?.load().map_err(program_error)?;
+        let mut process_links = Vec::new();
+        for (name, tracepoint) in PROCESS_PROGRAMS {
+            let program = btf_tracepoint(&mut ebpf, name)?;
+            program
+                .load(tracepoint, &btf)
+                .map_err(program_error_of(name))?;
+            let link = program.attach().map_err(program_error_of(name))?;
+            process_links.push((name, link));
+        }
         let mut off_cpu_programs = Vec::new();
-        if let Some(btf) = &off_cpu_btf {
+        if opts.off_cpu.is_some() {
             let (exit_name, exit_tracepoint) = if use_rseq {
                 OFF_CPU_RSEQ_PROGRAM
             } else {
@@ -189,7 +254,7 @@ impl Sampler {
             for (name, tracepoint) in [OFF_CPU_SWITCH_PROGRAM, (exit_name, exit_tracepoint)] {
                 let program = btf_tracepoint(&mut ebpf, name)?;
                 program
-                    .load(tracepoint, btf)
+                    .load(tracepoint, &btf)
                     .map_err(program_error_of(name))?;
                 off_cpu_programs.push(name);
             }
@@ -234,6 +299,10 @@ impl Sampler {
             links: Vec::new(),
             off_cpu_programs,
             off_cpu_links: Vec::new(),
+            events,
+            process_events,
+            filter_updates,
+            _process_links: process_links,
         };
         sampler.resume(opts.frequency_hz)?;
         Ok(sampler)
@@ -253,6 +322,19 @@ impl Sampler {
     /// The unwinder's counters (`None` with `--unwind fp`).
     pub fn unwind_stats(&self) -> Option<UnwindStats> {
         self.unwinder.as_ref().map(Unwinder::stats)
+    }
+
+    /// Feeds runtime changes into the kernel filter (see
+    /// [`FilterHandle`]).
+    pub fn filter_handle(&self) -> FilterHandle {
+        FilterHandle {
+            updates: self.filter_updates.clone(),
+        }
+    }
+
+    /// Counters of the process-event thread.
+    pub fn event_counters(&self) -> &EventCounters {
+        &self.events.counters
     }
 
     /// The off-CPU programs are attached (or were, before [`stop`](Self::stop)).
@@ -357,6 +439,21 @@ impl Sampler {
 
 /// The off-CPU programs and the BTF tracepoints they attach to.
 const OFF_CPU_SWITCH_PROGRAM: (&str, &str) = (names::OFF_CPU_SWITCH_PROGRAM, "sched_switch");
+
+/// Exec and exit events, attached for the sampler's whole life.
+const PROCESS_PROGRAMS: [(&str, &str); 2] = [
+    (names::PROCESS_EXEC_PROGRAM, "sched_process_exec"),
+    (names::PROCESS_EXIT_PROGRAM, "sched_process_exit"),
+];
+
+/// `PID_FILTER` entries with process-name rules (one per matching process).
+const MAX_FILTER_PIDS: usize = 16 * 1024;
+/// `CGROUP_FILTER` entries when cgroup ids are fed at runtime.
+const MAX_FILTER_CGROUPS: usize = 4 * 1024;
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, BpfError> {
+    ebpf.take_map(name).ok_or(BpfError::Missing(name))
+}
 
 /// Where the kernel has it, the hook through which threads that were
 /// switched out come back to user mode, their stacks readable again.

@@ -6,10 +6,12 @@
 //! be fed a fake in tests.
 
 mod drain;
+mod events;
 mod loader;
 mod preflight;
 
 pub use drain::{BpfStats, RawOffCpu, RawSample, RawStack, RawWindow};
+pub use events::EventCounters;
 pub use hearth_ebpf::Stat;
 pub use loader::{OffCpuOptions, Sampler, SamplerOptions};
 pub use preflight::{check_btf, check_privileges};
@@ -47,6 +49,8 @@ pub enum BpfError {
     Cpus(std::io::Error),
     #[error("the eBPF object has no {0}")]
     Missing(&'static str),
+    #[error("starting the process-event thread: {0}")]
+    Thread(std::io::Error),
     #[error("unwind tables: {0}")]
     Unwind(#[from] crate::unwind::UnwindError),
 }

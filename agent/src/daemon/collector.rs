@@ -19,6 +19,7 @@ use super::governor::{ChangeReason, CpuMeter, Governor, GovernorConfig};
 use super::DaemonError;
 use crate::bpf::{BpfError, OffCpuOptions, SampleSource, Sampler, SamplerOptions, Stat};
 use crate::config::OffCpuConfig;
+use crate::filter::FilterSpec;
 use crate::metrics::Metrics;
 use crate::pipeline::WindowProcessor;
 use crate::profile::{wall_clock, OffCpuSettings, Profile};
@@ -44,6 +45,7 @@ pub struct CollectorOptions {
     pub off_cpu: Option<OffCpuConfig>,
     pub unwind: UnwindMode,
     pub unwind_memory: u64,
+    pub filter: FilterSpec,
 }
 
 /// Starts sampling on a new thread. Returns once the programs are attached
@@ -88,6 +90,7 @@ fn run(
         }),
         unwind: options.unwind,
         unwind_memory: options.unwind_memory,
+        filter: options.filter.clone(),
         ..SamplerOptions::default()
     });
     let mut sampler = match sampler {
@@ -103,14 +106,16 @@ fn run(
     info!(
         frequency_hz = sampler.frequency_hz(),
         interval = ?options.interval,
-        "sampling every process"
+        filter = options.filter.describe(),
+        "sampling"
     );
 
     let mut collector = Collector {
         processor: WindowProcessor::new(BlazeSymbolizer::with_config(SymbolizerConfig {
             debug_syms: options.debuginfo,
             ..SymbolizerConfig::default()
-        })),
+        }))
+        .with_filter(options.filter.clone()),
         metrics,
         windows,
         off_cpu: options.off_cpu,

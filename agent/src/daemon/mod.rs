@@ -30,6 +30,7 @@ use crate::export::delivery::{DeliveryConfig, DeliveryError, DeliveryQueue};
 use crate::export::otlp::client::{ClientError, OtlpClient, OtlpClientConfig};
 use crate::export::otlp::encode::EncodeOptions;
 use crate::export::store::{Retention, Store, StoreError};
+use crate::filter::{FilterError, FilterSpec};
 use crate::metrics::{self, Metrics, MetricsError};
 use collector::{CollectorCommand, CollectorOptions};
 use governor::GovernorConfig;
@@ -52,6 +53,8 @@ pub enum DaemonError {
     Signals(#[source] std::io::Error),
     #[error("starting a thread: {0}")]
     Thread(#[source] std::io::Error),
+    #[error(transparent)]
+    Filter(#[from] FilterError),
     #[error("the {0} thread panicked")]
     Panicked(&'static str),
 }
@@ -65,7 +68,8 @@ impl DaemonError {
             DaemonError::Store(_)
             | DaemonError::Client(_)
             | DaemonError::Delivery(_)
-            | DaemonError::Metrics(_) => 2,
+            | DaemonError::Metrics(_)
+            | DaemonError::Filter(_) => 2,
             _ => 1,
         }
     }
@@ -163,6 +167,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             off_cpu: config.off_cpu,
             unwind: config.unwind,
             unwind_memory: config.unwind_memory,
+            filter: FilterSpec::new(&config.filter)?,
         },
         metrics.clone(),
         window_tx,

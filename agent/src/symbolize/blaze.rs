@@ -21,7 +21,7 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use blazesym::symbolize::source::{Elf, Process, Source};
@@ -29,6 +29,8 @@ use blazesym::symbolize::{evict, CodeInfo, Input, Sym, Symbolized, Symbolizer};
 use blazesym::Pid;
 use tracing::{debug, warn};
 
+use crate::incarnation::{Capture, Image, ProcessKey};
+use crate::process::start_time;
 use crate::profile::{Frame, FrameId, FrameKind, Mapping, MappingId, ProfileBuilder};
 
 use super::kernel::KernelSymbols;
@@ -99,10 +101,16 @@ struct CachedFrame {
 /// function they were inlined into.
 type Frames = Arc<[CachedFrame]>;
 
-/// What we know of one process.
+/// What we know of one process image.
 #[derive(Debug)]
 struct ProcessEntry {
     maps: ProcMaps,
+    /// What was captured while it ran (exec'd images): its mappings and
+    /// open handles to its files.
+    capture: Option<Arc<Capture>>,
+    /// `/proc/<pid>` still describes this image: its maps may be re-read
+    /// and its files opened through `map_files`. False once it ended.
+    live: bool,
     /// False when the mappings could not be read when the process was
     /// first seen (it had already exited): all its frames are `[unknown]`.
     readable: bool,
@@ -115,12 +123,21 @@ struct ProcessEntry {
 }
 
 impl ProcessEntry {
-    fn load(pid: u32, window: u64, stats: &mut SymbolizerStats) -> Self {
-        let maps = read_maps(pid, stats).unwrap_or_default();
+    fn load(process: ProcessKey, window: u64, stats: &mut SymbolizerStats) -> Self {
+        // Images not known from /proc (captured ones are adopted, not
+        // loaded) have nothing to read.
+        let live = matches!(process.image, Image::Started(_));
+        let maps = if live {
+            read_maps(process.pid, stats).unwrap_or_default()
+        } else {
+            ProcMaps::default()
+        };
         Self {
             // A zombie's maps read as empty: as good as gone.
             readable: !maps.is_empty(),
             maps,
+            capture: None,
+            live,
             read_window: window,
             last_used: window,
             unopenable: Vec::new(),
@@ -131,6 +148,9 @@ impl ProcessEntry {
     /// meanwhile (they still describe its samples).
     fn refresh(&mut self, pid: u32, window: u64, stats: &mut SymbolizerStats) {
         self.read_window = window;
+        if !self.live {
+            return;
+        }
         if let Some(maps) = read_maps(pid, stats).filter(|m| !m.is_empty()) {
             self.maps = maps;
             self.unopenable.clear();
@@ -198,21 +218,32 @@ impl FileEntry {
     /// (exactly the mapped file, wherever and whether or not it is still
     /// linked), else through the process's root (its mount namespace),
     /// unless the file was deleted (the path may now name another file).
+    #[allow(clippy::too_many_arguments)]
     fn open(
         pid: u32,
         entry: &MapEntry,
         path: &str,
         deleted: bool,
+        captured: Option<&Arc<File>>,
+        live: bool,
         window: u64,
         stats: &mut SymbolizerStats,
     ) -> Option<Self> {
-        let map_files = format!("/proc/{pid}/map_files/{:x}-{:x}", entry.start, entry.end);
-        let handle = File::open(&map_files).or_else(|err| {
-            if deleted || !path.starts_with('/') {
-                return Err(err);
+        let handle = match captured {
+            // Our own descriptor: the capture's may outlive this entry or
+            // not, and blazesym is given a path naming the descriptor.
+            Some(file) => file.try_clone(),
+            None if !live => Err(io::Error::from(io::ErrorKind::NotFound)),
+            None => {
+                let map_files = format!("/proc/{pid}/map_files/{:x}-{:x}", entry.start, entry.end);
+                File::open(&map_files).or_else(|err| {
+                    if deleted || !path.starts_with('/') {
+                        return Err(err);
+                    }
+                    File::open(format!("/proc/{pid}/root{path}"))
+                })
             }
-            File::open(format!("/proc/{pid}/root{path}"))
-        });
+        };
         let handle = match handle {
             Ok(handle) => handle,
             Err(err) => {
@@ -427,7 +458,7 @@ const VDSO_NAME: &str = "vdso";
 pub struct BlazeSymbolizer {
     config: SymbolizerConfig,
     symbolizer: Symbolizer,
-    processes: IntMap<u32, ProcessEntry>,
+    processes: IntMap<ProcessKey, ProcessEntry>,
     files: IntMap<FileKey, FileEntry>,
     kernel: KernelSymbols,
     /// `None` until first needed; then our vDSO, if we found it.
@@ -504,7 +535,7 @@ impl BlazeSymbolizer {
     /// Emits the frames of one user address.
     fn push_user_address(
         &mut self,
-        pid: u32,
+        key: ProcessKey,
         ip: u64,
         addr: u64,
         memo: &mut MappingMemo,
@@ -512,7 +543,8 @@ impl BlazeSymbolizer {
         out: &mut Vec<FrameId>,
     ) {
         let window = self.window;
-        let Some(process) = self.processes.get_mut(&pid) else {
+        let pid = key.pid;
+        let Some(process) = self.processes.get_mut(&key) else {
             return self.push_unknown(ip, builder, out);
         };
         if process.maps.find(addr).is_none() && process.read_window != window {
@@ -532,7 +564,17 @@ impl BlazeSymbolizer {
                         let opened = if process.unopenable.contains(key) {
                             None
                         } else {
-                            FileEntry::open(pid, entry, path, *deleted, window, &mut self.stats)
+                            let captured = process.capture.as_ref().and_then(|c| c.file(key));
+                            FileEntry::open(
+                                pid,
+                                entry,
+                                path,
+                                *deleted,
+                                captured,
+                                process.live,
+                                window,
+                                &mut self.stats,
+                            )
                         };
                         match opened {
                             Some(file) => e.insert(file),
@@ -686,7 +728,7 @@ fn lookup_address(i: usize, ip: u64) -> u64 {
 impl Symbolize for BlazeSymbolizer {
     fn user_stack(
         &mut self,
-        pid: u32,
+        key: ProcessKey,
         ips: &[u64],
         builder: &mut ProfileBuilder,
         out: &mut Vec<FrameId>,
@@ -695,12 +737,12 @@ impl Symbolize for BlazeSymbolizer {
             return;
         }
         let window = self.window;
-        let process = match self.processes.entry(pid) {
+        let process = match self.processes.entry(key) {
             Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(e) => e.insert(ProcessEntry::load(pid, window, &mut self.stats)),
+            Entry::Vacant(e) => e.insert(ProcessEntry::load(key, window, &mut self.stats)),
         };
         if process.readable && window >= process.read_window + self.config.maps_max_age_windows {
-            process.refresh(pid, window, &mut self.stats);
+            process.refresh(key.pid, window, &mut self.stats);
         }
         process.last_used = window;
         if !process.readable {
@@ -712,7 +754,41 @@ impl Symbolize for BlazeSymbolizer {
         }
         let mut memo = MappingMemo::default();
         for (i, &ip) in ips.iter().enumerate() {
-            self.push_user_address(pid, ip, lookup_address(i, ip), &mut memo, builder, out);
+            self.push_user_address(key, ip, lookup_address(i, ip), &mut memo, builder, out);
+        }
+    }
+
+    fn adopt(&mut self, capture: &Arc<Capture>) {
+        let window = self.window;
+        let entry = self
+            .processes
+            .entry(capture.key())
+            .or_insert_with(|| ProcessEntry {
+                maps: ProcMaps::default(),
+                capture: None,
+                live: true,
+                readable: false,
+                read_window: window,
+                last_used: window,
+                unopenable: Vec::new(),
+            });
+        if let Some(maps) = capture.maps.as_ref().filter(|m| !m.is_empty()) {
+            entry.maps = maps.clone();
+            entry.readable = true;
+            entry.unopenable.clear();
+        }
+        entry.capture = Some(capture.clone());
+    }
+
+    fn ended(&mut self, process: ProcessKey) {
+        if let Some(entry) = self.processes.get_mut(&process) {
+            entry.live = false;
+        }
+    }
+
+    fn forget(&mut self, process: ProcessKey) {
+        if self.processes.remove(&process).is_some() {
+            self.stats.exited_processes += 1;
         }
     }
 
@@ -759,23 +835,28 @@ impl Symbolize for BlazeSymbolizer {
         let config = &self.config;
         let stats = &mut self.stats;
 
-        // Processes: exited, never readable, or idle.
-        self.processes.retain(|&pid, p| {
-            if !p.readable || window.saturating_sub(p.last_used) >= config.process_idle_windows {
+        // Processes: exited, never readable, or idle. Captured images go
+        // when the pipeline forgets them (their samples may still come).
+        self.processes.retain(|&key, p| {
+            let idle = window.saturating_sub(p.last_used) >= config.process_idle_windows;
+            if idle || (!p.readable && p.capture.is_none()) {
                 stats.evictions += 1;
                 return false;
             }
-            let alive = Path::new(&format!("/proc/{pid}")).exists();
+            let alive = match key.image {
+                Image::Started(_) => key.start_ticks_match(start_time(key.pid)),
+                _ => true,
+            };
             if !alive {
                 stats.exited_processes += 1;
             }
             alive
         });
         if self.processes.len() > config.max_processes {
-            let mut by_age: Vec<(u64, u32)> = self
+            let mut by_age: Vec<(u64, ProcessKey)> = self
                 .processes
                 .iter()
-                .map(|(&pid, p)| (p.last_used, pid))
+                .map(|(&key, p)| (p.last_used, key))
                 .collect();
             by_age.sort_unstable();
             let excess = self.processes.len() - config.max_processes;
@@ -825,6 +906,7 @@ impl Symbolize for BlazeSymbolizer {
 #[cfg(test)]
 mod tests {
     use std::hint::black_box;
+    use std::path::Path;
     use std::time::Instant;
 
     use super::*;
@@ -878,11 +960,19 @@ mod tests {
         std::process::id()
     }
 
+    /// The key the pipeline gives a process it has no capture of.
+    fn live(pid: u32) -> ProcessKey {
+        match start_time(pid) {
+            Some(ticks) => ProcessKey::new(pid, Image::Started(ticks)),
+            None => ProcessKey::new(pid, Image::Unknown),
+        }
+    }
+
     /// Symbolizes one user stack into a fresh profile.
     fn user(s: &mut BlazeSymbolizer, pid: u32, ips: &[u64]) -> (Profile, Vec<FrameId>) {
         let mut b = ProfileBuilder::new(meta());
         let mut out = Vec::new();
-        s.user_stack(pid, ips, &mut b, &mut out);
+        s.user_stack(live(pid), ips, &mut b, &mut out);
         (b.build(), out)
     }
 
@@ -1235,9 +1325,9 @@ mod tests {
         let mut b = ProfileBuilder::new(meta());
         let mut out = Vec::with_capacity(10_000);
         let start = Instant::now();
-        let pid = me();
+        let key = live(me());
         for _ in 0..1000 {
-            s.user_stack(pid, &ips, &mut b, &mut out);
+            s.user_stack(key, &ips, &mut b, &mut out);
         }
         let elapsed = start.elapsed();
         eprintln!(

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::incarnation::{Capture, ProcessKey};
 use crate::profile::{Frame, FrameId, FrameKind, ProfileBuilder};
 
 use super::{Symbolize, SymbolizerStats, UNKNOWN};
@@ -18,6 +19,15 @@ use super::{Symbolize, SymbolizerStats, UNKNOWN};
 #[derive(Debug, Clone, Default)]
 pub struct MapSymbolizer {
     names: HashMap<u64, Arc<str>>,
+    /// Per image name (a captured process's name): addresses that mean
+    /// something else in that image.
+    images: HashMap<(String, u64), Arc<str>>,
+    /// Captured images adopted, by process key: their names.
+    adopted: HashMap<ProcessKey, String>,
+    /// Process keys stacks were asked for, in order.
+    pub asked: Vec<ProcessKey>,
+    /// Images forgotten.
+    pub forgotten: Vec<ProcessKey>,
     stats: SymbolizerStats,
     /// Number of `end_window` calls.
     pub windows: u64,
@@ -34,19 +44,28 @@ impl MapSymbolizer {
         self
     }
 
+    /// Adds a name valid in processes whose capture is named `image`.
+    pub fn with_image(mut self, image: &str, addr: u64, name: &str) -> Self {
+        self.images
+            .insert((image.to_string(), addr), Arc::from(name));
+        self
+    }
+
     pub fn insert(&mut self, addr: u64, name: &str) {
         self.names.insert(addr, Arc::from(name));
     }
 
     fn stack(
         &mut self,
+        image: Option<&str>,
         kind: FrameKind,
         ips: &[u64],
         builder: &mut ProfileBuilder,
         out: &mut Vec<FrameId>,
     ) {
         for &ip in ips {
-            let function = match self.names.get(&ip) {
+            let in_image = image.and_then(|i| self.images.get(&(i.to_string(), ip)));
+            let function = match in_image.or_else(|| self.names.get(&ip)) {
                 Some(name) => {
                     self.stats.cache_hits += 1;
                     name.clone()
@@ -73,16 +92,27 @@ impl MapSymbolizer {
 impl Symbolize for MapSymbolizer {
     fn user_stack(
         &mut self,
-        _pid: u32,
+        process: ProcessKey,
         ips: &[u64],
         builder: &mut ProfileBuilder,
         out: &mut Vec<FrameId>,
     ) {
-        self.stack(FrameKind::Native, ips, builder, out);
+        self.asked.push(process);
+        let image = self.adopted.get(&process).cloned();
+        self.stack(image.as_deref(), FrameKind::Native, ips, builder, out);
+    }
+
+    fn adopt(&mut self, capture: &Arc<Capture>) {
+        self.adopted.insert(capture.key(), capture.name.clone());
+    }
+
+    fn forget(&mut self, process: ProcessKey) {
+        self.adopted.remove(&process);
+        self.forgotten.push(process);
     }
 
     fn kernel_stack(&mut self, ips: &[u64], builder: &mut ProfileBuilder, out: &mut Vec<FrameId>) {
-        self.stack(FrameKind::Kernel, ips, builder, out);
+        self.stack(None, FrameKind::Kernel, ips, builder, out);
     }
 
     fn end_window(&mut self) {
@@ -97,6 +127,7 @@ impl Symbolize for MapSymbolizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::incarnation::Image;
     use crate::profile::tests::meta;
 
     #[test]
@@ -104,7 +135,12 @@ mod tests {
         let mut s = MapSymbolizer::new().with(0x10, "main").with(0x20, "leaf");
         let mut b = ProfileBuilder::new(meta());
         let mut out = Vec::new();
-        s.user_stack(1, &[0x20, 0x99, 0x10], &mut b, &mut out);
+        s.user_stack(
+            ProcessKey::new(1, Image::Unknown),
+            &[0x20, 0x99, 0x10],
+            &mut b,
+            &mut out,
+        );
         s.kernel_stack(&[0x10], &mut b, &mut out);
         s.end_window();
         let p = b.build();

@@ -70,6 +70,7 @@ use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
+use crate::incarnation::{Capture, ProcessKey};
 use crate::profile::{FrameId, ProfileBuilder};
 
 pub use blaze::{BlazeSymbolizer, SymbolizerConfig};
@@ -80,7 +81,9 @@ pub const UNKNOWN: &str = "[unknown]";
 
 /// Turns stacks of raw addresses into interned frames.
 pub trait Symbolize {
-    /// Symbolizes a user stack of process `pid` (a tgid, as the host sees it).
+    /// Symbolizes a user stack of `process` (its pid is a tgid, as the host
+    /// sees it; its image says which incarnation of the pid, see
+    /// [`crate::incarnation`]).
     ///
     /// `ips[0]` is the interrupted instruction pointer, the rest are return
     /// addresses (leaf first). Appends the frames (leaf first, inlined
@@ -89,11 +92,23 @@ pub trait Symbolize {
     /// Every address yields at least one frame.
     fn user_stack(
         &mut self,
-        pid: u32,
+        process: ProcessKey,
         ips: &[u64],
         builder: &mut ProfileBuilder,
         out: &mut Vec<FrameId>,
     );
+
+    /// A process image captured while it ran: its mappings and open files
+    /// serve its stacks even after it is gone from /proc. A second capture
+    /// of the same image replaces the first.
+    fn adopt(&mut self, _capture: &Arc<Capture>) {}
+
+    /// The image ended (exited, or exec'd another): /proc/<pid> no longer
+    /// describes it, so it is never read for it again.
+    fn ended(&mut self, _process: ProcessKey) {}
+
+    /// Every sample of the image is symbolized: drop what is cached for it.
+    fn forget(&mut self, _process: ProcessKey) {}
 
     /// Symbolizes a kernel stack; same conventions as [`Self::user_stack`].
     fn kernel_stack(&mut self, ips: &[u64], builder: &mut ProfileBuilder, out: &mut Vec<FrameId>);

@@ -1,0 +1,464 @@
+//! The `hearth-procs` thread: reads the process-event ring buffer, captures
+//! what symbolization needs of each new process image while it lives, and
+//! keeps the kernel filter maps up to date.
+//!
+//! Per exec: `/proc/<pid>/stat` (start time), `/proc/<pid>/exe`,
+//! `/proc/<pid>/maps`, and an open handle to each mapped file not already
+//! held (through `/proc/<pid>/map_files`, else the process's root), shared
+//! with other captures by device and inode. The exec tracepoint fires
+//! before the dynamic loader runs, so a first capture that holds only the
+//! executable and its interpreter is taken again [`RECAPTURE_AFTER`] later
+//! if the process still lives. Captures go to the drain through a bounded
+//! channel ([`MAX_PENDING`]); beyond it they are dropped and counted, and
+//! those processes are read from /proc at drain like any other.
+//!
+//! With process-name rules, each exec is matched and the verdict written
+//! into `PID_FILTER` (the kernel deletes the entry at exit).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
+use hearth_ebpf::{
+    ProcessEvent as RawEvent, FILTER_ENTRY_EXCLUDE, FILTER_ENTRY_INCLUDE, PROCESS_EVENT_EXEC,
+    PROCESS_EVENT_EXIT,
+};
+use tracing::{debug, warn};
+
+use crate::filter::{FilterSpec, FilterUpdate, NameVerdict};
+use crate::incarnation::{Capture, ProcessEvent};
+use crate::process::start_time;
+use crate::symbolize::maps::{Backing, FileKey, ProcMaps};
+
+/// Captures waiting for a drain; more are dropped (counted).
+pub const MAX_PENDING: usize = 16 * 1024;
+/// Second look at a process whose first capture came before its
+/// libraries were mapped.
+pub const RECAPTURE_AFTER: Duration = Duration::from_millis(20);
+/// Open mapped files kept for captures; beyond it those no capture holds
+/// are closed.
+const MAX_OPEN_FILES: usize = 1024;
+/// How often the ring is read. The kernel programs do not wake the reader
+/// (that costs them ~20 µs per event in a VM), so this bounds the delay
+/// between an exec and its capture; ~200 wakeups a second cost the agent
+/// about 0.1% of a CPU.
+const POLL: Duration = Duration::from_millis(5);
+
+/// Counters of the thread, read by the drain.
+#[derive(Debug, Default)]
+pub struct EventCounters {
+    pub execs: AtomicU64,
+    pub exits: AtomicU64,
+    /// Execs whose process was gone before its mappings could be read.
+    pub captures_too_late: AtomicU64,
+    /// Captures dropped because the drain did not take them in time.
+    pub captures_dropped: AtomicU64,
+    /// Second captures taken once the libraries were mapped.
+    pub recaptures: AtomicU64,
+    /// Time spent capturing, nanoseconds.
+    pub capture_ns: AtomicU64,
+}
+
+/// The maps the thread owns.
+pub struct EventMaps {
+    pub ring: RingBuf<MapData>,
+    pub pids: Option<BpfHashMap<MapData, u32, u8>>,
+    pub cgroups: Option<BpfHashMap<MapData, u64, u8>>,
+}
+
+pub struct EventThread {
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+    pub counters: Arc<EventCounters>,
+}
+
+impl EventThread {
+    pub fn spawn(
+        maps: EventMaps,
+        spec: FilterSpec,
+        events: SyncSender<ProcessEvent>,
+        updates: Receiver<FilterUpdate>,
+    ) -> std::io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let counters = Arc::new(EventCounters::default());
+        let mut state = State {
+            maps,
+            spec,
+            events,
+            updates,
+            counters: counters.clone(),
+            files: HashMap::new(),
+            recapture: Vec::new(),
+            name_entries: HashMap::new(),
+            explicit: HashMap::new(),
+        };
+        state.initial_filter();
+        let stop_flag = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("hearth-procs".into())
+            .spawn(move || state.run(&stop_flag))?;
+        Ok(Self {
+            stop,
+            handle: Some(handle),
+            counters,
+        })
+    }
+}
+
+impl Drop for EventThread {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+struct State {
+    maps: EventMaps,
+    spec: FilterSpec,
+    events: SyncSender<ProcessEvent>,
+    updates: Receiver<FilterUpdate>,
+    counters: Arc<EventCounters>,
+    /// Open mapped files by identity.
+    files: HashMap<FileKey, Arc<File>>,
+    /// (due, pid, exec_ns) of second captures.
+    recapture: Vec<(Instant, u32, u64)>,
+    /// `PID_FILTER` bits set from name rules, by pid.
+    name_entries: HashMap<u32, u8>,
+    /// Pid rules: pid → (bits, start time of the process it named).
+    explicit: HashMap<u32, (u8, Option<u64>)>,
+}
+
+impl State {
+    /// Pid rules, and name rules for the processes alive now.
+    fn initial_filter(&mut self) {
+        for (pids, bits) in [
+            (&self.spec.include_pids, FILTER_ENTRY_INCLUDE),
+            (&self.spec.exclude_pids, FILTER_ENTRY_EXCLUDE),
+        ] {
+            for &pid in pids {
+                let entry = self.explicit.entry(pid).or_insert((0, start_time(pid)));
+                entry.0 |= bits;
+            }
+        }
+        let explicit: Vec<(u32, u8)> = self.explicit.iter().map(|(&p, &(b, _))| (p, b)).collect();
+        for (pid, bits) in explicit {
+            self.write_pid(pid, bits);
+        }
+        if self.spec.has_names() {
+            let pids: Vec<u32> = std::fs::read_dir("/proc")
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect();
+            for pid in pids {
+                let name = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .map(|s| s.trim_end().to_string())
+                    .unwrap_or_default();
+                self.apply_names(pid, &name);
+            }
+        }
+    }
+
+    fn run(&mut self, stop: &AtomicBool) {
+        while !stop.load(Ordering::Relaxed) {
+            let now = Instant::now();
+            let timeout = self
+                .recapture
+                .iter()
+                .map(|&(due, ..)| due.saturating_duration_since(now))
+                .min()
+                .unwrap_or(POLL)
+                .min(POLL);
+            std::thread::sleep(timeout);
+            let mut raw = Vec::new();
+            while let Some(item) = self.maps.ring.next() {
+                if item.len() >= std::mem::size_of::<RawEvent>() {
+                    // SAFETY: the kernel wrote a ProcessEvent there; the
+                    // read is unaligned-safe.
+                    raw.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<RawEvent>()) });
+                }
+            }
+            for event in raw {
+                match event.kind {
+                    PROCESS_EVENT_EXEC => self.exec(&event),
+                    PROCESS_EVENT_EXIT => self.exit(&event),
+                    _ => {}
+                }
+            }
+            while let Ok(update) = self.updates.try_recv() {
+                self.update(update);
+            }
+            let now = Instant::now();
+            let due: Vec<(u32, u64)> = self
+                .recapture
+                .iter()
+                .filter(|(when, ..)| *when <= now)
+                .map(|&(_, pid, ns)| (pid, ns))
+                .collect();
+            self.recapture.retain(|(when, ..)| *when > now);
+            for (pid, exec_ns) in due {
+                if let Some(capture) = self.capture(pid, exec_ns, None) {
+                    self.counters.recaptures.fetch_add(1, Ordering::Relaxed);
+                    self.send(capture);
+                }
+            }
+        }
+    }
+
+    fn exec(&mut self, event: &RawEvent) {
+        self.counters.execs.fetch_add(1, Ordering::Relaxed);
+        let pid = event.pid;
+        let comm = comm(&event.comm);
+        // A pid rule names the process it named at start, not a later one
+        // with the same pid.
+        if let Some(&(bits, ticks)) = self.explicit.get(&pid) {
+            if ticks.is_some() && start_time(pid) != ticks {
+                self.explicit.remove(&pid);
+            } else {
+                self.write_pid(
+                    pid,
+                    bits | self.name_entries.get(&pid).copied().unwrap_or(0),
+                );
+            }
+        }
+        let verdict = self.apply_names(pid, &comm);
+        if verdict == NameVerdict::Exclude {
+            return;
+        }
+        let started = Instant::now();
+        let capture = self.capture(pid, event.time_ns, Some(comm));
+        self.counters
+            .capture_ns
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        match capture {
+            Some(capture) => {
+                if capture.maps.as_ref().is_some_and(loader_only) {
+                    self.recapture
+                        .push((Instant::now() + RECAPTURE_AFTER, pid, event.time_ns));
+                }
+                self.send(capture);
+            }
+            None => {
+                self.counters
+                    .captures_too_late
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn exit(&mut self, event: &RawEvent) {
+        self.counters.exits.fetch_add(1, Ordering::Relaxed);
+        // The kernel deleted the PID_FILTER entry.
+        self.name_entries.remove(&event.pid);
+        self.explicit.remove(&event.pid);
+        self.recapture.retain(|&(_, pid, _)| pid != event.pid);
+        let exit = ProcessEvent::Exit {
+            pid: event.pid,
+            time_ns: event.time_ns,
+        };
+        if let Err(TrySendError::Full(_)) = self.events.try_send(exit) {
+            self.counters
+                .captures_dropped
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn send(&self, capture: Capture) {
+        if let Err(TrySendError::Full(_)) =
+            self.events.try_send(ProcessEvent::Exec(Arc::new(capture)))
+        {
+            self.counters
+                .captures_dropped
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Matches the name rules and writes the verdict for `pid`.
+    fn apply_names(&mut self, pid: u32, name: &str) -> NameVerdict {
+        if !self.spec.has_names() {
+            return NameVerdict::Neither;
+        }
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+            .ok()
+            .map(|p| p.to_string_lossy().into_owned());
+        let verdict = self.spec.name_verdict(name, exe.as_deref());
+        let bits = match verdict {
+            NameVerdict::Include => FILTER_ENTRY_INCLUDE,
+            NameVerdict::Exclude => FILTER_ENTRY_EXCLUDE,
+            NameVerdict::Neither => 0,
+        };
+        let explicit = self.explicit.get(&pid).map_or(0, |&(b, _)| b);
+        let previous = self.name_entries.get(&pid).copied().unwrap_or(0);
+        if bits != previous {
+            let ticks = start_time(pid);
+            self.write_pid(pid, bits | explicit);
+            if bits == 0 {
+                self.name_entries.remove(&pid);
+            } else {
+                self.name_entries.insert(pid, bits);
+            }
+            // Exited meanwhile: the kernel's delete at exit may have come
+            // before our write, which must not outlive the process.
+            if ticks.is_none() || start_time(pid) != ticks {
+                self.write_pid(pid, explicit);
+                self.name_entries.remove(&pid);
+            }
+        }
+        verdict
+    }
+
+    fn write_pid(&mut self, pid: u32, bits: u8) {
+        let Some(map) = &mut self.maps.pids else {
+            return;
+        };
+        let result = if bits == 0 {
+            map.remove(&pid)
+        } else {
+            map.insert(pid, bits, 0)
+        };
+        if let Err(error) = result {
+            if bits != 0 {
+                warn!(pid, %error, "cannot update the pid filter");
+            }
+        }
+    }
+
+    fn update(&mut self, update: FilterUpdate) {
+        let Some(map) = &mut self.maps.cgroups else {
+            warn!(
+                ?update,
+                "cgroup filter update without a cgroup filter loaded"
+            );
+            return;
+        };
+        let result = match update {
+            FilterUpdate::IncludeCgroup(id) => map.insert(id, FILTER_ENTRY_INCLUDE, 0),
+            FilterUpdate::ExcludeCgroup(id) => map.insert(id, FILTER_ENTRY_EXCLUDE, 0),
+            FilterUpdate::RemoveCgroup(id) => map.remove(&id),
+        };
+        if let Err(error) = result {
+            warn!(?update, %error, "cannot update the cgroup filter");
+        }
+    }
+
+    /// Reads what symbolization needs of `pid`; `None` when it is gone.
+    fn capture(&mut self, pid: u32, exec_ns: u64, comm: Option<String>) -> Option<Capture> {
+        let start_ticks = start_time(pid);
+        let maps = ProcMaps::read(pid).ok().filter(|m| !m.is_empty())?;
+        let name = match comm {
+            Some(c) => c,
+            None => std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .map(|s| s.trim_end().to_string())
+                .unwrap_or_default(),
+        };
+        let executable = std::fs::read_link(format!("/proc/{pid}/exe"))
+            .ok()
+            .map(|p| Arc::from(p.to_string_lossy().as_ref()));
+        let mut files = Vec::new();
+        for entry in maps.entries() {
+            let Backing::File { key, path, deleted } = &entry.backing else {
+                continue;
+            };
+            if files.iter().any(|(k, _)| k == key) {
+                continue;
+            }
+            let file = match self.files.get(key) {
+                Some(f) => f.clone(),
+                None => {
+                    let opened = File::open(format!(
+                        "/proc/{pid}/map_files/{:x}-{:x}",
+                        entry.start, entry.end
+                    ))
+                    .or_else(|e| {
+                        if *deleted || !path.starts_with('/') {
+                            return Err(e);
+                        }
+                        File::open(format!("/proc/{pid}/root{path}"))
+                    });
+                    match opened {
+                        Ok(f) => {
+                            let f = Arc::new(f);
+                            self.keep_file(*key, f.clone());
+                            f
+                        }
+                        Err(error) => {
+                            debug!(pid, path = &**path, %error, "cannot open mapped file");
+                            continue;
+                        }
+                    }
+                }
+            };
+            files.push((*key, file));
+        }
+        Some(Capture {
+            pid,
+            exec_ns,
+            start_ticks,
+            name,
+            executable,
+            maps: Some(maps),
+            files,
+        })
+    }
+
+    fn keep_file(&mut self, key: FileKey, file: Arc<File>) {
+        if self.files.len() >= MAX_OPEN_FILES {
+            // Close those no pending or tracked capture holds.
+            self.files.retain(|_, f| Arc::strong_count(f) > 1);
+        }
+        if self.files.len() < MAX_OPEN_FILES {
+            self.files.insert(key, file);
+        }
+    }
+}
+
+/// Only the executable, its interpreter and the vDSO are mapped: the
+/// dynamic loader has not mapped the libraries yet.
+fn loader_only(maps: &ProcMaps) -> bool {
+    let mut files = maps.entries().iter().filter_map(|e| match &e.backing {
+        Backing::File { path, .. } => Some(path),
+        _ => None,
+    });
+    let interpreter = files
+        .clone()
+        .any(|p| p.contains("/ld-") || p.contains("ld.so"));
+    let mut distinct: Vec<&Arc<str>> = files.by_ref().collect();
+    distinct.dedup();
+    interpreter && distinct.len() <= 2
+}
+
+fn comm(raw: &[u8; 16]) -> String {
+    let len = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+    String::from_utf8_lossy(&raw[..len]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_with_only_its_loader_is_captured_again() {
+        let early = ProcMaps::parse(
+            b"55d0c5a28000-55d0c5b00000 r-xp 00028000 08:01 1311 /usr/bin/app\n\
+              7f00ab000000-7f00ab200000 r-xp 00010000 08:01 77 /usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2\n\
+              7ffd1b1f0000-7ffd1b1f2000 r-xp 00000000 00:00 0 [vdso]\n",
+        );
+        assert!(loader_only(&early));
+        let later = ProcMaps::parse(
+            b"55d0c5a28000-55d0c5b00000 r-xp 00028000 08:01 1311 /usr/bin/app\n\
+              7f00aa000000-7f00aa200000 r-xp 00010000 08:01 78 /usr/lib/x86_64-linux-gnu/libc.so.6\n\
+              7f00ab000000-7f00ab200000 r-xp 00010000 08:01 77 /usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2\n",
+        );
+        assert!(!loader_only(&later));
+        let static_binary =
+            ProcMaps::parse(b"55d0c5a28000-55d0c5b00000 r-xp 00028000 08:01 1311 /usr/bin/app\n");
+        assert!(!loader_only(&static_binary));
+    }
+}

@@ -1,0 +1,368 @@
+//! Process incarnations: which process image a drained sample belongs to.
+//!
+//! Samples carry a pid only, and a pid names different processes over
+//! time: it is reused after an exit, and one process runs several images
+//! when it execs. The exec and exit events of the kernel's process-event
+//! program carry their time (`bpf_ktime_get_ns`), as do samples (the time
+//! each stack was last seen), so a sample of pid P at time T belongs to the
+//! latest exec of P before T, unless P's exit came between. That image's
+//! [`Capture`], taken when the exec was reported, has its mappings, its
+//! open mapped files and its name, so it is symbolized and tagged even when
+//! it is gone from /proc at drain time.
+//!
+//! Processes whose exec was not seen (running before the agent started, a
+//! child that forked without exec, an event lost to a full ring buffer)
+//! are read from /proc at drain, keyed by their start time, so a reused
+//! pid never shares an entry with the process it replaced.
+//!
+//! Every cache keyed by process ([`crate::process::ProcessTable`], the
+//! symbolizer's map cache) uses [`ProcessKey`]; the [`Tracker`] tells them
+//! when an incarnation ended (no more /proc reads for it) and when it can
+//! be forgotten (its samples are all drained).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::sync::Arc;
+
+use crate::symbolize::maps::{FileKey, ProcMaps};
+
+/// Which image of a process a cache entry describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Image {
+    /// The image begun by the exec reported at this time
+    /// (`bpf_ktime_get_ns`).
+    Exec(u64),
+    /// A process whose exec was not seen, as /proc has it at drain: its
+    /// start time in clock ticks since boot (`/proc/<pid>/stat` field 22).
+    Started(u64),
+    /// Nothing known: gone before it was looked at, or sampled before the
+    /// exec that was captured (a child between fork and exec).
+    Unknown,
+}
+
+/// A process image: pid and which of its incarnations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProcessKey {
+    pub pid: u32,
+    pub image: Image,
+}
+
+impl ProcessKey {
+    pub fn new(pid: u32, image: Image) -> Self {
+        Self { pid, image }
+    }
+
+    /// Whether /proc/<pid> may describe this image: only for started
+    /// processes whose start time still matches, and exec'd images not
+    /// yet ended (the caller knows).
+    pub fn start_ticks_match(&self, ticks: Option<u64>) -> bool {
+        match self.image {
+            Image::Started(t) => ticks == Some(t),
+            _ => false,
+        }
+    }
+}
+
+/// What was read of a process right after its exec, while it lived.
+#[derive(Debug)]
+pub struct Capture {
+    pub pid: u32,
+    /// `bpf_ktime_get_ns` of the exec.
+    pub exec_ns: u64,
+    /// Start time in clock ticks since boot, when it could be read.
+    pub start_ticks: Option<u64>,
+    /// Process name after the exec (the kernel's `comm`).
+    pub name: String,
+    /// `/proc/<pid>/exe`.
+    pub executable: Option<Arc<str>>,
+    /// Executable mappings; `None` when the process was gone before they
+    /// could be read.
+    pub(crate) maps: Option<ProcMaps>,
+    /// Open handles to the mapped files, shared with other captures of the
+    /// same files.
+    pub(crate) files: Vec<(FileKey, Arc<File>)>,
+}
+
+impl Capture {
+    pub fn key(&self) -> ProcessKey {
+        ProcessKey::new(self.pid, Image::Exec(self.exec_ns))
+    }
+
+    /// The open handle of a mapped file.
+    pub(crate) fn file(&self, key: &FileKey) -> Option<&Arc<File>> {
+        self.files.iter().find(|(k, _)| k == key).map(|(_, f)| f)
+    }
+}
+
+/// What the process-event program reported, as userspace delivers it to
+/// the pipeline (with each window).
+#[derive(Debug, Clone)]
+pub enum ProcessEvent {
+    /// An exec, with what was captured of the new image. A second capture
+    /// of the same exec (taken a little later, once the dynamic loader has
+    /// mapped the libraries) replaces the first.
+    Exec(Arc<Capture>),
+    /// The process's last thread exited at `time_ns`.
+    Exit { pid: u32, time_ns: u64 },
+}
+
+/// An incarnation known from its exec.
+#[derive(Debug)]
+struct Tracked {
+    capture: Arc<Capture>,
+    /// When it ended: its exit, or the next exec of the same pid.
+    ended_ns: Option<u64>,
+}
+
+/// Changes the caches keyed by [`ProcessKey`] must apply.
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// New or re-captured images.
+    pub adopted: Vec<Arc<Capture>>,
+    /// Images that ended: /proc/<pid> no longer describes them.
+    pub ended: Vec<ProcessKey>,
+    /// Images whose samples are all drained: drop them.
+    pub forgotten: Vec<ProcessKey>,
+}
+
+/// Most incarnations tracked at once; the oldest are dropped beyond.
+pub const MAX_TRACKED: usize = 32 * 1024;
+
+/// The incarnations known from exec events, by pid.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    by_pid: HashMap<u32, Vec<Tracked>>,
+    tracked: usize,
+    /// `now_ns` of the previous [`Tracker::end_window`].
+    last_end_ns: u64,
+}
+
+impl Tracker {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.tracked
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tracked == 0
+    }
+
+    /// Applies a window's events, in the order they happened.
+    pub fn ingest(&mut self, events: &[ProcessEvent], changes: &mut Changes) {
+        for event in events {
+            match event {
+                ProcessEvent::Exec(capture) => {
+                    let list = self.by_pid.entry(capture.pid).or_default();
+                    if let Some(same) = list
+                        .iter_mut()
+                        .find(|t| t.capture.exec_ns == capture.exec_ns)
+                    {
+                        same.capture = capture.clone();
+                    } else {
+                        if let Some(previous) = list.last_mut() {
+                            if previous.ended_ns.is_none() {
+                                previous.ended_ns = Some(capture.exec_ns);
+                                changes.ended.push(previous.capture.key());
+                            }
+                        }
+                        list.push(Tracked {
+                            capture: capture.clone(),
+                            ended_ns: None,
+                        });
+                        self.tracked += 1;
+                    }
+                    changes.adopted.push(capture.clone());
+                }
+                ProcessEvent::Exit { pid, time_ns } => {
+                    if let Some(last) = self.by_pid.get_mut(pid).and_then(|l| l.last_mut()) {
+                        if last.ended_ns.is_none() && last.capture.exec_ns <= *time_ns {
+                            last.ended_ns = Some(*time_ns);
+                            changes.ended.push(last.capture.key());
+                        }
+                    }
+                }
+            }
+        }
+        if self.tracked > MAX_TRACKED {
+            self.drop_oldest(self.tracked - MAX_TRACKED, changes);
+        }
+    }
+
+    /// The incarnation of `pid` a sample last seen at `time_ns` belongs
+    /// to: `Some(Exec)` for a captured image, `Some(Unknown)` for a sample
+    /// taken before the first captured exec of a process still running
+    /// that image's predecessor we know nothing of (fork to exec), `None`
+    /// when nothing tracked covers it (ask /proc).
+    pub fn resolve(&self, pid: u32, time_ns: u64) -> Option<(ProcessKey, &Arc<Capture>)> {
+        let list = self.by_pid.get(&pid)?;
+        let tracked = list.iter().rev().find(|t| t.capture.exec_ns <= time_ns)?;
+        if tracked.ended_ns.is_some_and(|end| end < time_ns) {
+            // Sampled after that image ended: another process (or a fork
+            // that did not exec) holds the pid now.
+            return None;
+        }
+        Some((tracked.capture.key(), &tracked.capture))
+    }
+
+    /// Whether a sample at `time_ns` precedes every captured exec of `pid`
+    /// and the first such exec is of the process /proc shows with
+    /// `live_ticks` now: then it ran the image before that exec, which
+    /// was never captured.
+    pub fn before_first_exec(&self, pid: u32, time_ns: u64, live_ticks: Option<u64>) -> bool {
+        let Some(first) = self.by_pid.get(&pid).and_then(|l| l.first()) else {
+            return false;
+        };
+        time_ns < first.capture.exec_ns
+            && first.capture.start_ticks.is_some()
+            && first.capture.start_ticks == live_ticks
+    }
+
+    /// After a window is processed: forgets incarnations that ended before
+    /// the previous call, whose samples are all drained by now (the one
+    /// window of slack covers off-CPU waits counted a window late).
+    pub fn end_window(&mut self, now_ns: u64, changes: &mut Changes) {
+        let horizon = self.last_end_ns;
+        self.last_end_ns = now_ns;
+        let mut dropped = 0;
+        self.by_pid.retain(|_, list| {
+            list.retain(|t| {
+                let keep = t.ended_ns.is_none_or(|end| end >= horizon);
+                if !keep {
+                    changes.forgotten.push(t.capture.key());
+                    dropped += 1;
+                }
+                keep
+            });
+            !list.is_empty()
+        });
+        self.tracked -= dropped;
+    }
+
+    fn drop_oldest(&mut self, n: usize, changes: &mut Changes) {
+        let mut all: Vec<(bool, u64, u32)> = self
+            .by_pid
+            .iter()
+            .flat_map(|(&pid, l)| {
+                l.iter()
+                    .map(move |t| (t.ended_ns.is_none(), t.capture.exec_ns, pid))
+            })
+            .collect();
+        // Ended ones first, oldest first.
+        all.sort_unstable();
+        for &(_, exec_ns, pid) in all.iter().take(n) {
+            if let Some(list) = self.by_pid.get_mut(&pid) {
+                list.retain(|t| t.capture.exec_ns != exec_ns);
+                changes
+                    .forgotten
+                    .push(ProcessKey::new(pid, Image::Exec(exec_ns)));
+                self.tracked -= 1;
+                if list.is_empty() {
+                    self.by_pid.remove(&pid);
+                }
+            }
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC now, in the kernel programs' `bpf_ktime_get_ns` units.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into a local timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
+#[cfg(test)]
+pub(crate) fn fake_capture(pid: u32, exec_ns: u64, name: &str) -> Arc<Capture> {
+    Arc::new(Capture {
+        pid,
+        exec_ns,
+        start_ticks: Some(exec_ns / 10_000_000),
+        name: name.into(),
+        executable: Some(Arc::from(format!("/usr/bin/{name}"))),
+        maps: Some(ProcMaps::default()),
+        files: Vec::new(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exec(pid: u32, ns: u64, name: &str) -> ProcessEvent {
+        ProcessEvent::Exec(fake_capture(pid, ns, name))
+    }
+
+    #[test]
+    fn samples_go_to_the_image_running_at_their_time() {
+        let mut t = Tracker::new();
+        let mut changes = Changes::default();
+        t.ingest(
+            &[
+                exec(7, 100, "first"),
+                ProcessEvent::Exit {
+                    pid: 7,
+                    time_ns: 200,
+                },
+                exec(7, 300, "second"),
+                exec(7, 400, "third"),
+            ],
+            &mut changes,
+        );
+        let name = |ns| t.resolve(7, ns).map(|(_, c)| c.name.as_str());
+        assert_eq!(name(150), Some("first"));
+        assert_eq!(name(250), None, "between an exit and the next exec");
+        assert_eq!(name(350), Some("second"));
+        assert_eq!(name(1_000), Some("third"));
+        assert_eq!(name(50), None);
+        assert!(t.resolve(8, 150).is_none());
+        assert_eq!(changes.adopted.len(), 3);
+        // first by its exit, second by the exec of third.
+        let ended: Vec<_> = changes.ended.iter().map(|k| k.image).collect();
+        assert_eq!(ended, vec![Image::Exec(100), Image::Exec(300)]);
+    }
+
+    #[test]
+    fn ended_images_are_forgotten_a_window_later() {
+        let mut t = Tracker::new();
+        let mut changes = Changes::default();
+        t.ingest(
+            &[
+                exec(7, 100, "a"),
+                ProcessEvent::Exit {
+                    pid: 7,
+                    time_ns: 200,
+                },
+                exec(8, 150, "b"),
+            ],
+            &mut changes,
+        );
+        let mut changes = Changes::default();
+        t.end_window(1_000, &mut changes);
+        assert!(changes.forgotten.is_empty(), "kept one more window");
+        t.end_window(2_000, &mut changes);
+        assert_eq!(
+            changes.forgotten,
+            vec![ProcessKey::new(7, Image::Exec(100))]
+        );
+        assert_eq!(t.len(), 1, "the running one stays");
+    }
+
+    #[test]
+    fn a_recapture_replaces_the_first() {
+        let mut t = Tracker::new();
+        let mut changes = Changes::default();
+        t.ingest(&[exec(7, 100, "early"), exec(7, 100, "late")], &mut changes);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.resolve(7, 150).unwrap().1.name, "late");
+        assert!(changes.ended.is_empty());
+    }
+}
