@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
 use crate::bpf::{RawSample, RawWindow};
+use crate::metadata::MetadataResolver;
 use crate::process::ProcessTable;
 use crate::profile::{
     Frame, FrameId, FrameKind, OffCpuReason, OffCpuSettings, Profile, ProfileBuilder, ProfileMeta,
@@ -44,6 +45,16 @@ impl<S: Symbolize> WindowProcessor<S> {
         Self {
             symbolizer,
             processes: ProcessTable::new(),
+            hostname: hostname(),
+        }
+    }
+
+    /// A processor that tags processes with what `metadata` resolves
+    /// (container, Kubernetes, service, tags).
+    pub fn with_metadata(symbolizer: S, metadata: MetadataResolver) -> Self {
+        Self {
+            symbolizer,
+            processes: ProcessTable::with_metadata(metadata),
             hostname: hostname(),
         }
     }

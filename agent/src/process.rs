@@ -8,12 +8,15 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::metadata::{MetadataResolver, Resolved};
 use crate::profile::Process;
 
 #[derive(Debug)]
 struct Entry {
     start_time: u64,
     process: Process,
+    /// Where `process.metadata` came from, to look its pod up again.
+    resolved: Resolved,
     /// Window in which the start time was last confirmed.
     checked_in: u64,
 }
@@ -23,11 +26,20 @@ struct Entry {
 pub struct ProcessTable {
     entries: HashMap<u32, Entry>,
     window: u64,
+    metadata: MetadataResolver,
 }
 
 impl ProcessTable {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A table that tags processes with what `metadata` resolves.
+    pub fn with_metadata(metadata: MetadataResolver) -> Self {
+        Self {
+            metadata,
+            ..Self::default()
+        }
     }
 
     /// Metadata of `pid`. `thread_comm` names the process when /proc no
@@ -46,6 +58,7 @@ impl ProcessTable {
                     pid,
                     name: thread_comm.into(),
                     executable: None,
+                    metadata: Default::default(),
                 },
             };
         };
@@ -53,15 +66,23 @@ impl ProcessTable {
         if let Some(entry) = self.entries.get_mut(&pid) {
             if entry.start_time == start_time {
                 entry.checked_in = window;
+                if self.metadata.refresh(&mut entry.resolved) {
+                    entry.process.metadata = entry.resolved.metadata.clone();
+                }
                 return entry.process.clone();
             }
         }
-        let process = read_process(pid, thread_comm);
+        let mut process = read_process(pid, thread_comm);
+        let resolved = self
+            .metadata
+            .resolve(pid, &process.name, process.executable.as_deref());
+        process.metadata = resolved.metadata.clone();
         self.entries.insert(
             pid,
             Entry {
                 start_time,
                 process: process.clone(),
+                resolved,
                 checked_in: window,
             },
         );
@@ -106,6 +127,7 @@ fn read_process(pid: u32, thread_comm: &str) -> Process {
         pid,
         name: name.into(),
         executable,
+        metadata: Default::default(),
     }
 }
 

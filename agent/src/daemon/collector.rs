@@ -19,6 +19,7 @@ use super::governor::{ChangeReason, CpuMeter, Governor, GovernorConfig};
 use super::DaemonError;
 use crate::bpf::{BpfError, OffCpuOptions, SampleSource, Sampler, SamplerOptions, Stat};
 use crate::config::OffCpuConfig;
+use crate::metadata::{MetadataOptions, MetadataResolver};
 use crate::metrics::Metrics;
 use crate::pipeline::WindowProcessor;
 use crate::profile::{wall_clock, OffCpuSettings, Profile};
@@ -44,6 +45,7 @@ pub struct CollectorOptions {
     pub off_cpu: Option<OffCpuConfig>,
     pub unwind: UnwindMode,
     pub unwind_memory: u64,
+    pub metadata: MetadataOptions,
 }
 
 /// Starts sampling on a new thread. Returns once the programs are attached
@@ -106,10 +108,13 @@ fn run(
     );
 
     let mut collector = Collector {
-        processor: WindowProcessor::new(BlazeSymbolizer::with_config(SymbolizerConfig {
-            debug_syms: options.debuginfo,
-            ..SymbolizerConfig::default()
-        })),
+        processor: WindowProcessor::with_metadata(
+            BlazeSymbolizer::with_config(SymbolizerConfig {
+                debug_syms: options.debuginfo,
+                ..SymbolizerConfig::default()
+            }),
+            MetadataResolver::new(options.metadata.clone()),
+        ),
         metrics,
         windows,
         off_cpu: options.off_cpu,

@@ -54,6 +54,8 @@ pub enum DaemonError {
     Thread(#[source] std::io::Error),
     #[error("the {0} thread panicked")]
     Panicked(&'static str),
+    #[error(transparent)]
+    Kubernetes(#[from] crate::metadata::kubernetes::KubernetesError),
 }
 
 impl DaemonError {
@@ -65,7 +67,8 @@ impl DaemonError {
             DaemonError::Store(_)
             | DaemonError::Client(_)
             | DaemonError::Delivery(_)
-            | DaemonError::Metrics(_) => 2,
+            | DaemonError::Metrics(_)
+            | DaemonError::Kubernetes(_) => 2,
             _ => 1,
         }
     }
@@ -137,6 +140,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         info!(%addr, "serving /metrics, /healthz, /readyz");
         tokio::spawn(metrics::serve(listener, metrics.clone()));
     }
+    // The pod watch runs on this runtime; the collector reads its index.
+    let metadata = crate::metadata::start(&config.metadata)?;
     let (stop_delivery, stop_rx) = tokio::sync::watch::channel(false);
     let delivery_task = delivery.map(|(queue, client)| {
         let task_queue = queue.clone();
@@ -163,6 +168,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             off_cpu: config.off_cpu,
             unwind: config.unwind,
             unwind_memory: config.unwind_memory,
+            metadata,
         },
         metrics.clone(),
         window_tx,
