@@ -96,6 +96,17 @@ fn underscored(uid: &str) -> String {
     uid.replace('-', "_")
 }
 
+/// A cgroup layout: (hierarchy, path, then what it should give: container
+/// id, runtime, pod UID, systemd unit).
+type Layout = (
+    &'static str,
+    String,
+    Option<&'static str>,
+    Option<&'static str>,
+    Option<&'static str>,
+    Option<&'static str>,
+);
+
 /// Container ids, runtimes, pod UIDs and systemd units from real cgroups
 /// of both hierarchies, on a recorded pprof (labels, as the store keeps
 /// them).
@@ -106,7 +117,7 @@ fn container_ids_from_real_cgroups_of_both_hierarchies() {
     // Declared before the fixtures so it drops after they are killed.
     let mut cgroups = Cgroups::new("cgroups");
     // (hierarchy, path, container id, runtime, pod uid, systemd unit)
-    let layouts: Vec<(&str, String, Option<&str>, Option<&str>, Option<&str>, Option<&str>)> = vec![
+    let layouts: Vec<Layout> = vec![
         // v2, kubepods with the cgroupfs driver.
         ("unified", format!("/kubepods/burstable/pod{UID_A}/{ID_A}"), Some(ID_A), None, Some(UID_A), None),
         // v2, kubepods with the systemd driver and containerd.

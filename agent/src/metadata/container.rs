@@ -216,14 +216,16 @@ mod tests {
     const UID: &str = "9d1f4c2e-7a3b-4e5f-8a6b-1c2d3e4f5a6b";
     const UID_: &str = "9d1f4c2e_7a3b_4e5f_8a6b_1c2d3e4f5a6b";
 
-    /// (path, container id, runtime, pod uid, systemd unit)
-    fn cases() -> Vec<(
+    /// (path, container id, runtime, pod uid present, systemd unit)
+    type Case = (
         String,
         Option<&'static str>,
         Option<&'static str>,
         bool,
         Option<&'static str>,
-    )> {
+    );
+
+    fn cases() -> Vec<Case> {
         let s = |t: &str| {
             t.replace("{ID}", ID)
                 .replace("{ID2}", ID2)
