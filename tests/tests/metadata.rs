@@ -69,7 +69,9 @@ fn wait_for_resource(
     what: &str,
     check: impl Fn(&HashMap<String, String>) -> bool,
 ) -> HashMap<String, String> {
-    let deadline = Instant::now() + Duration::from_secs(25);
+    // Generous: after a long outage the pod watch retries up to 30 s
+    // apart (kube-rs's default backoff); usually this takes a second.
+    let deadline = Instant::now() + Duration::from_secs(40);
     loop {
         if let Some(last) = resources_of(receiver, pid).pop() {
             if check(&last) {
