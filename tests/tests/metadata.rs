@@ -481,10 +481,12 @@ fn kubernetes_attributes_from_a_pod_watch() {
     agent_pod["status"]["containerStatuses"][0]["state"] =
         serde_json::json!({"running": {"startedAt": "2026-11-20T09:20:44Z"}});
     api.apply(&agent_pod);
-    // Events apply within milliseconds; the next process is first looked
-    // at in a later window.
-    std::thread::sleep(Duration::from_millis(1500));
-    // A new process in the running container: matched by container id.
+    // The process seen before gets its container now...
+    let upgraded = wait_for_resource(&receiver, &daemon, agent.pid(), "agent upgraded", |r| {
+        r.contains_key("k8s.container.name")
+    });
+    assert_eq!(upgraded["k8s.container.name"], "agent");
+    // ...and a new process in the running container is matched by its id.
     let agent2 = spawn_duty(&exe, 60, &[]);
     Cgroups::enter(&agent_cg, agent2.pid());
     let running = wait_for_resource(&receiver, &daemon, agent2.pid(), "agent running", |r| {

@@ -24,9 +24,11 @@
 //! nothing else set.
 //!
 //! A process in a container whose pod is not known (yet: the API is
-//! unreachable, or the watch has not listed the pod) is looked up again
-//! each time the pod index changes, until it is found; a process already
-//! tagged keeps its tags while it lives.
+//! unreachable, or the watch has not listed the pod), or whose pod is
+//! known but does not list its container id yet (a container starting, a
+//! pod's sandbox), is looked up again each time the pod index changes,
+//! until its container is found; a process tagged with its container
+//! keeps its tags while it lives.
 //!
 //! Hook for filtering: [`PodIndex::lookup`] answers "which pod is this
 //! container id (or pod UID) in", and a resolved [`ProcessMetadata`] holds
@@ -195,6 +197,11 @@ impl MetadataResolver {
                 // next refresh look again.
                 let generation = pods.generation();
                 match pods.lookup(cgroup.container_id.as_deref(), cgroup.pod_uid.as_deref()) {
+                    // The pod, but not (yet) the container: its status
+                    // may not name the container id yet; keep looking.
+                    Some(found) if found.container.is_none() && cgroup.container_id.is_some() => {
+                        (Some(found), Some(generation))
+                    }
                     Some(found) => (Some(found), None),
                     None => (None, Some(generation)),
                 }
@@ -540,6 +547,54 @@ mod tests {
         );
         assert!(resolved.waiting_since.is_none(), "found: sticky");
         assert!(!resolver.refresh(&mut resolved));
+    }
+
+    #[test]
+    fn a_known_pod_without_the_container_yet_keeps_looking() {
+        let pods = PodIndex::new();
+        let mut resolver = MetadataResolver::new(MetadataOptions {
+            pods: Some(pods.clone()),
+            ..MetadataOptions::default()
+        });
+        let status = |id: Option<&str>| {
+            let mut s = serde_json::json!({"name": "side", "image": "y:2", "imageID": "",
+                "ready": true, "restartCount": 0});
+            if let Some(id) = id {
+                s["containerID"] = serde_json::Value::String(format!("containerd://{id}"));
+            }
+            let pod = serde_json::json!({
+                "metadata": {"name": "p", "namespace": "ns", "uid": "uid-1"},
+                "spec": {"containers": [{"name": "side", "image": "y:2"}]},
+                "status": {"containerStatuses": [s]}
+            });
+            kube::runtime::watcher::Event::Apply(serde_json::from_value(pod).unwrap())
+        };
+        pods.apply(status(None), &[]);
+        let mut starting = resolver.compose(Arc::new(facts(&[], None)));
+        assert_eq!(
+            get(&starting.metadata, "k8s.pod.name").as_deref(),
+            Some("p")
+        );
+        assert_eq!(get(&starting.metadata, "k8s.container.name"), None);
+        assert!(starting.waiting_since.is_some());
+        pods.apply(status(Some(ID)), &[]);
+        assert!(resolver.refresh(&mut starting));
+        assert_eq!(
+            get(&starting.metadata, "k8s.container.name").as_deref(),
+            Some("side")
+        );
+        assert!(starting.waiting_since.is_none());
+        // A process with no container id (the pod's own cgroup) is done
+        // once its pod is found.
+        let mut pod_level = resolver.compose(Arc::new(Facts {
+            cgroup: CgroupInfo {
+                pod_uid: Some("uid-1".into()),
+                ..CgroupInfo::default()
+            },
+            ..facts(&[], None)
+        }));
+        assert!(pod_level.waiting_since.is_none());
+        assert!(!resolver.refresh(&mut pod_level));
     }
 
     #[test]
