@@ -106,6 +106,51 @@ pub struct RecordArgs {
 
     #[command(flatten)]
     pub off_cpu: OffCpuArgs,
+
+    #[command(flatten)]
+    pub metadata: MetadataArgs,
+}
+
+/// What `hearth record` tags processes with beyond /proc (as `hearth run`).
+#[derive(Debug, Clone, Default, Args)]
+pub struct MetadataArgs {
+    /// Tag processes with Kubernetes metadata from a watch on this node's
+    /// pods (NODE_NAME). Default: on when KUBERNETES_SERVICE_HOST is set.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub kubernetes: Option<bool>,
+
+    /// Kubernetes API server URL, plain and without authentication
+    /// (default: in-cluster, with the service account).
+    #[arg(long, env = "HEARTH_KUBERNETES_API", value_name = "URL")]
+    pub kubernetes_api: Option<String>,
+
+    /// Pod label copied to `k8s.pod.label.<KEY>` (repeatable).
+    #[arg(long = "pod-label", value_name = "KEY")]
+    pub pod_labels: Vec<String>,
+
+    /// Resource attribute `key=value` on every process (repeatable).
+    #[arg(long = "tag", value_name = "KEY=VALUE",
+          value_parser = crate::metadata::service::parse_tag)]
+    pub tags: Vec<(String, String)>,
+
+    /// Tag processes with their command line (`process.command_line`);
+    /// off by default, command lines can hold secrets.
+    #[arg(long)]
+    pub command_line: bool,
+}
+
+impl MetadataArgs {
+    /// The checked settings, as `hearth run` resolves them.
+    pub fn config(&self) -> Result<crate::config::MetadataConfig, crate::config::ConfigError> {
+        let tags: Vec<String> = self.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        crate::config::MetadataConfig::resolve(
+            self.kubernetes,
+            self.kubernetes_api.clone(),
+            &self.pod_labels,
+            &tags,
+            self.command_line,
+        )
+    }
 }
 
 /// Process filters besides `--pid` (shared by `record`; `run` has the same

@@ -314,6 +314,68 @@ pub struct RunOptions {
     )]
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exclude_cgroup: Vec<String>,
+    /// Tag profiles with Kubernetes metadata from a watch on this node's
+    /// pods (NODE_NAME) [default: true when KUBERNETES_SERVICE_HOST is set].
+    #[arg(long, env = "HEARTH_KUBERNETES", num_args = 0..=1,
+          default_missing_value = "true", value_name = "BOOL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<bool>,
+
+    /// Kubernetes API server URL, plain and without authentication (tests,
+    /// `kubectl proxy`) [default: in-cluster, with the service account].
+    #[arg(long, env = "HEARTH_KUBERNETES_API", value_name = "URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kubernetes_api: Option<String>,
+
+    /// Pod label copied to the attribute `k8s.pod.label.<KEY>` (repeatable).
+    #[arg(
+        long = "pod-label",
+        env = "HEARTH_POD_LABELS",
+        value_name = "KEY",
+        value_delimiter = ','
+    )]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pod_labels: Vec<String>,
+
+    /// Resource attribute `key=value` on every profile, for host facts like
+    /// the region or environment (repeatable; in the file a list or a table).
+    #[arg(
+        long = "tag",
+        env = "HEARTH_TAGS",
+        value_name = "KEY=VALUE",
+        value_delimiter = ','
+    )]
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "tags_list_or_table"
+    )]
+    pub tags: Vec<String>,
+
+    /// Tag profiles with each process's command line
+    /// (`process.command_line`). Off by default: command lines can hold
+    /// secrets [default: false].
+    #[arg(long, env = "HEARTH_COMMAND_LINE", num_args = 0..=1,
+          default_missing_value = "true", value_name = "BOOL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command_line: Option<bool>,
+}
+
+/// `tags` in the file: `["region=eu-1"]` or a table `{ region = "eu-1" }`.
+fn tags_list_or_table<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Tags {
+        List(Vec<String>),
+        Table(std::collections::BTreeMap<String, String>),
+    }
+    match Tags::deserialize(d) {
+        Ok(Tags::List(list)) => Ok(list),
+        Ok(Tags::Table(table)) => Ok(table.into_iter().map(|(k, v)| format!("{k}={v}")).collect()),
+        Err(_) => Err(serde::de::Error::custom(
+            "tags must be a list of \"key=value\" strings or a table of strings",
+        )),
+    }
 }
 
 /// A duration written like `10s`, `500ms`, `7d` (a bare number is seconds).
@@ -495,6 +557,67 @@ pub struct Config {
     pub unwind_memory: u64,
     /// Include/exclude rules (checked by [`Config::resolve`]).
     pub filter: FilterRules,
+    pub metadata: MetadataConfig,
+}
+
+/// What profiles are tagged with beyond what /proc says.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MetadataConfig {
+    /// Watch this node's pods.
+    pub kubernetes: bool,
+    /// Plain API URL instead of the in-cluster configuration.
+    pub kubernetes_api: Option<String>,
+    /// Pod labels copied to `k8s.pod.label.<key>`.
+    pub pod_labels: Vec<String>,
+    /// Host tags `(key, value)`.
+    pub tags: Vec<(String, String)>,
+    /// Read `process.command_line`.
+    pub command_line: bool,
+}
+
+impl MetadataConfig {
+    /// Checks and applies defaults; `None` of `kubernetes` means: on in a
+    /// cluster (`KUBERNETES_SERVICE_HOST` set) or with an API URL.
+    pub fn resolve(
+        kubernetes: Option<bool>,
+        kubernetes_api: Option<String>,
+        pod_labels: &[String],
+        tags: &[String],
+        command_line: bool,
+    ) -> Result<MetadataConfig, ConfigError> {
+        let tags = crate::metadata::service::parse_tags(tags)
+            .map_err(|message| ConfigError::invalid("tags", message))?;
+        for key in pod_labels {
+            check_label_key(key).map_err(|message| ConfigError::invalid("pod-labels", message))?;
+        }
+        let kubernetes = kubernetes.unwrap_or_else(|| {
+            kubernetes_api.is_some() || std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+        });
+        Ok(MetadataConfig {
+            kubernetes,
+            kubernetes_api,
+            pod_labels: pod_labels.to_vec(),
+            tags,
+            command_line,
+        })
+    }
+}
+
+/// A Kubernetes label key: `[prefix/]name`, letters, digits and `-_.`.
+pub fn check_label_key(key: &str) -> Result<(), String> {
+    let valid = !key.is_empty()
+        && key.len() <= 317
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'))
+        && key.matches('/').count() <= 1
+        && !key.starts_with('/')
+        && !key.ends_with('/');
+    if valid {
+        Ok(())
+    } else {
+        Err(format!("{key:?} is not a Kubernetes label key"))
+    }
 }
 
 impl Default for Config {
@@ -518,6 +641,7 @@ impl Default for Config {
             unwind: UnwindMode::default(),
             unwind_memory: crate::unwind::DEFAULT_TABLE_MEMORY,
             filter: FilterRules::default(),
+            metadata: MetadataConfig::default(),
         }
     }
 }
@@ -654,6 +778,13 @@ impl Config {
                 Some(size) => crate::unwind::check_table_memory(size.0)
                     .map_err(|message| ConfigError::invalid("unwind-memory", message))?,
             },
+            metadata: MetadataConfig::resolve(
+                opts.kubernetes,
+                opts.kubernetes_api.clone(),
+                &opts.pod_labels,
+                &opts.tags,
+                opts.command_line.unwrap_or(false),
+            )?,
         })
     }
 
@@ -707,6 +838,16 @@ impl Config {
             exclude_name: self.filter.exclude_names.clone(),
             include_cgroup: self.filter.include_cgroups.clone(),
             exclude_cgroup: self.filter.exclude_cgroups.clone(),
+            kubernetes: Some(self.metadata.kubernetes),
+            kubernetes_api: self.metadata.kubernetes_api.clone(),
+            pod_labels: self.metadata.pod_labels.clone(),
+            tags: self
+                .metadata
+                .tags
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect(),
+            command_line: Some(self.metadata.command_line),
         };
         toml::to_string(&opts).unwrap_or_else(|e| format!("# cannot print the config: {e}\n"))
     }
@@ -1012,6 +1153,100 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("off-cpu-sample"), "{err}");
+    }
+
+    #[test]
+    fn metadata_options_from_flags_file_and_environment() {
+        let config = load_with(&[], &[]).unwrap();
+        assert!(config.metadata.tags.is_empty());
+        assert!(!config.metadata.command_line);
+        let config = load_with(
+            &[
+                "--tag",
+                "region=eu-1",
+                "--tag",
+                "deployment.environment.name=prod",
+                "--pod-label",
+                "app.kubernetes.io/team",
+                "--command-line",
+                "--kubernetes-api",
+                "http://127.0.0.1:1",
+            ],
+            &[],
+        )
+        .unwrap();
+        let m = &config.metadata;
+        assert_eq!(
+            m.tags,
+            [
+                ("region".to_string(), "eu-1".to_string()),
+                ("deployment.environment.name".into(), "prod".into())
+            ]
+        );
+        assert_eq!(m.pod_labels, ["app.kubernetes.io/team"]);
+        assert!(m.command_line);
+        assert!(m.kubernetes, "an API URL turns it on");
+        // Explicitly off stays off.
+        let off = load_with(
+            &[
+                "--kubernetes=false",
+                "--kubernetes-api",
+                "http://127.0.0.1:1",
+            ],
+            &[],
+        )
+        .unwrap();
+        assert!(!off.metadata.kubernetes);
+        // Printed and read back.
+        let printed: RunOptions = toml::from_str(&config.to_toml()).unwrap();
+        assert_eq!(Config::resolve(&printed).unwrap().metadata, config.metadata);
+        // The file: a list or a table.
+        let list = write_toml("tags-list.toml", "tags = [\"region=eu-1\", \"zone=b\"]\n");
+        let config = load_with(&["--config", list.to_str().unwrap()], &[]).unwrap();
+        assert_eq!(config.metadata.tags.len(), 2);
+        let table = write_toml(
+            "tags-table.toml",
+            "kubernetes = false\n[tags]\nregion = \"eu-1\"\n\"deployment.environment.name\" = \"prod\"\n",
+        );
+        let config = load_with(&["--config", table.to_str().unwrap()], &[]).unwrap();
+        assert!(config
+            .metadata
+            .tags
+            .contains(&("deployment.environment.name".into(), "prod".into())));
+        assert!(!config.metadata.kubernetes);
+        // The environment.
+        let config = load_with(
+            &[],
+            &[
+                ("HEARTH_TAGS", "region=eu-1,zone=b"),
+                ("HEARTH_POD_LABELS", "team"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.metadata.tags.len(), 2);
+        assert_eq!(config.metadata.pod_labels, ["team"]);
+    }
+
+    #[test]
+    fn malformed_tags_and_labels_are_config_errors() {
+        for bad in ["region", "=x", "region=", "a b=c"] {
+            let err = load_with(&["--tag", bad], &[]).unwrap_err();
+            assert!(err.contains("`tags`"), "{bad}: {err}");
+        }
+        let err = load_with(&["--tag", "a=1", "--tag", "a=2"], &[]).unwrap_err();
+        assert!(err.contains("twice"), "{err}");
+        let err = load_with(&[], &[("HEARTH_TAGS", "region")]).unwrap_err();
+        assert!(err.contains("`tags`"), "{err}");
+        let file = write_toml("tags-bad.toml", "tags = 3\n");
+        let err = load_with(&["--config", file.to_str().unwrap()], &[]).unwrap_err();
+        assert!(err.contains("tags"), "{err}");
+        let file = write_toml("tags-bad-table.toml", "[tags]\nregion = 1\n");
+        assert!(load_with(&["--config", file.to_str().unwrap()], &[]).is_err());
+        let err = load_with(&["--pod-label", "a b"], &[]).unwrap_err();
+        assert!(err.contains("`pod-labels`"), "{err}");
+        assert!(check_label_key("app.kubernetes.io/name").is_ok());
+        assert!(check_label_key("a/b/c").is_err());
+        assert!(check_label_key("").is_err());
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! hearth: a host-wide continuous profiling agent.
 //!
 //! Data flows one way: kernel maps → [`bpf`] (load, attach, drain) →
-//! [`pipeline`] ([`symbolize`] and [`process`] metadata) → [`profile`] (the
+//! [`pipeline`] ([`symbolize`], [`process`] and [`metadata`]) → [`profile`] (the
 //! one internal model) → [`export`] (folded, flame graph, pprof). [`record`]
 //! drives that flow for one-shot recordings. See `docs/ARCHITECTURE.md`.
 
@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod export;
 pub mod filter;
 pub mod incarnation;
+pub mod metadata;
 pub mod metrics;
 pub mod pipeline;
 pub mod process;

@@ -9,6 +9,7 @@ use std::time::UNIX_EPOCH;
 use crate::bpf::{RawSample, RawWindow};
 use crate::filter::FilterSpec;
 use crate::incarnation::{monotonic_ns, Capture, Changes, Image, ProcessKey, Tracker};
+use crate::metadata::MetadataResolver;
 use crate::process::{start_time, ProcessTable};
 use crate::profile::{
     Frame, FrameId, FrameKind, OffCpuReason, OffCpuSettings, Profile, ProfileBuilder, ProfileMeta,
@@ -57,6 +58,15 @@ impl<S: Symbolize> WindowProcessor<S> {
             filter: FilterSpec::default(),
             hostname: hostname(),
             filtered_at_drain: 0,
+        }
+    }
+
+    /// A processor that tags processes with what `metadata` resolves
+    /// (container, Kubernetes, service, tags).
+    pub fn with_metadata(symbolizer: S, metadata: MetadataResolver) -> Self {
+        Self {
+            processes: ProcessTable::with_metadata(metadata),
+            ..Self::new(symbolizer)
         }
     }
 

@@ -1,4 +1,5 @@
-//! Process metadata: the name and executable of each sampled process.
+//! Process metadata: the name and executable of each sampled process, and
+//! what [`MetadataResolver`] adds (container, Kubernetes, service, tags).
 //!
 //! Entries are keyed by [`ProcessKey`] (pid and which incarnation), so a
 //! reused pid never inherits another process's metadata: an image captured
@@ -6,17 +7,21 @@
 //! whose exec was not seen is read from /proc under its start time (the
 //! pipeline resolves it once per window). Processes that exited before we
 //! looked are named after the thread name the kernel recorded with the
-//! sample.
+//! sample. Container, environment and ids are read from /proc only while
+//! the pid still belongs to the same process, never from a reused pid.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::incarnation::{Capture, Image, ProcessKey};
+use crate::metadata::{MetadataResolver, Resolved};
 use crate::profile::Process;
 
 #[derive(Debug)]
 struct Entry {
     process: Process,
+    /// Where `process.metadata` came from, to look its pod up again.
+    resolved: Resolved,
     /// Window in which it was last looked up.
     seen_in: u64,
 }
@@ -26,11 +31,20 @@ struct Entry {
 pub struct ProcessTable {
     entries: HashMap<ProcessKey, Entry>,
     window: u64,
+    metadata: MetadataResolver,
 }
 
 impl ProcessTable {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A table that tags processes with what `metadata` resolves.
+    pub fn with_metadata(metadata: MetadataResolver) -> Self {
+        Self {
+            metadata,
+            ..Self::default()
+        }
     }
 
     /// Metadata of `key`. `capture` is what was read of the image at its
@@ -44,26 +58,47 @@ impl ProcessTable {
     ) -> Process {
         let window = self.window;
         if let Some(entry) = self.entries.get_mut(&key) {
-            entry.seen_in = window;
+            if entry.seen_in != window {
+                entry.seen_in = window;
+                // Its pod may have shown up since.
+                if self.metadata.refresh(&mut entry.resolved) {
+                    entry.process.metadata = entry.resolved.metadata.clone();
+                }
+            }
             return entry.process.clone();
         }
-        let process = match (key.image, capture) {
-            (Image::Exec(_), Some(capture)) => Process {
-                pid: key.pid,
-                name: capture.name.as_str().into(),
-                executable: capture.executable.clone(),
-            },
+        let mut process = match (key.image, capture) {
+            (Image::Exec(_), Some(capture)) => Process::new(
+                key.pid,
+                capture.name.as_str(),
+                capture.executable.clone(),
+            ),
             (Image::Started(_), _) => read_process(key.pid, thread_comm),
-            _ => Process {
-                pid: key.pid,
-                name: thread_comm.into(),
-                executable: None,
-            },
+            _ => Process::new(key.pid, thread_comm, None),
         };
+        // /proc/<pid> still shows this process (not a successor on a
+        // reused pid) when its start time is the one the key or capture has.
+        let now = start_time(key.pid);
+        let same_process = now.is_some()
+            && match key.image {
+                Image::Started(ticks) => now == Some(ticks),
+                Image::Exec(_) => capture.and_then(|c| c.start_ticks) == now,
+                Image::Unknown => false,
+            };
+        let executable = process.executable.clone();
+        let resolved = if same_process {
+            self.metadata
+                .resolve(key.pid, &process.name, executable.as_deref())
+        } else {
+            self.metadata
+                .resolve_gone(&process.name, executable.as_deref())
+        };
+        process.metadata = resolved.metadata.clone();
         self.entries.insert(
             key,
             Entry {
                 process: process.clone(),
+                resolved,
                 seen_in: window,
             },
         );
@@ -117,11 +152,7 @@ fn read_process(pid: u32, thread_comm: &str) -> Process {
     let executable = std::fs::read_link(format!("/proc/{pid}/exe"))
         .ok()
         .map(|p| Arc::from(p.to_string_lossy().as_ref()));
-    Process {
-        pid,
-        name: name.into(),
-        executable,
-    }
+    Process::new(pid, name, executable)
 }
 
 #[cfg(test)]

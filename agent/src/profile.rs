@@ -89,6 +89,89 @@ pub struct Process {
     pub name: Arc<str>,
     /// Path of the main executable, when it could be read.
     pub executable: Option<Arc<str>>,
+    /// Everything else known about it (container, Kubernetes, service,
+    /// tags), shared by every window the process appears in.
+    pub metadata: Arc<ProcessMetadata>,
+}
+
+impl Process {
+    /// A process known only by pid, name and executable.
+    pub fn new(pid: u32, name: impl Into<Arc<str>>, executable: Option<Arc<str>>) -> Process {
+        Process {
+            pid,
+            name: name.into(),
+            executable,
+            metadata: Arc::default(),
+        }
+    }
+}
+
+/// The value of a resource attribute.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AttrValue {
+    Str(Arc<str>),
+    Int(i64),
+}
+
+impl AttrValue {
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            AttrValue::Str(s) => Some(s),
+            AttrValue::Int(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for AttrValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AttrValue::Str(s) => f.write_str(s),
+            AttrValue::Int(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// OpenTelemetry resource attributes of a process beyond `process.pid`
+/// and its executable (`metadata/` says where each comes from): sorted by
+/// key, each key once.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct ProcessMetadata {
+    attributes: Vec<(Arc<str>, AttrValue)>,
+}
+
+impl ProcessMetadata {
+    /// From attributes in order of precedence: the first value of a key wins.
+    pub fn new(attributes: impl IntoIterator<Item = (Arc<str>, AttrValue)>) -> ProcessMetadata {
+        let mut attributes: Vec<(Arc<str>, AttrValue)> = attributes.into_iter().collect();
+        // Stable: equal keys keep their order, so dedup keeps the first.
+        attributes.sort_by(|a, b| a.0.cmp(&b.0));
+        attributes.dedup_by(|later, first| later.0 == first.0);
+        ProcessMetadata { attributes }
+    }
+
+    pub fn get(&self, key: &str) -> Option<&AttrValue> {
+        self.attributes
+            .binary_search_by(|(k, _)| (**k).cmp(key))
+            .ok()
+            .map(|i| &self.attributes[i].1)
+    }
+
+    /// The value of `key` when it is a string.
+    pub fn get_str(&self, key: &str) -> Option<&str> {
+        self.get(key).and_then(AttrValue::as_str)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &AttrValue)> + '_ {
+        self.attributes.iter().map(|(k, v)| (&**k, v))
+    }
+
+    pub fn len(&self) -> usize {
+        self.attributes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.attributes.is_empty()
+    }
 }
 
 /// What a profile's sample values measure.
@@ -587,6 +670,7 @@ pub(crate) mod tests {
             pid: 42,
             name: "app".into(),
             executable: Some("/usr/bin/app".into()),
+            metadata: Default::default(),
         });
         let f = |b: &mut ProfileBuilder, name: &str, addr: u64| {
             let mut fr = native(name);
@@ -683,6 +767,7 @@ pub(crate) mod tests {
             pid: 1,
             name: "x".into(),
             executable: None,
+            metadata: Default::default(),
         });
         let a1 = b.intern_frame(&native("a"));
         let a2 = b.intern_frame(&native("a"));

@@ -44,13 +44,20 @@ pub enum RecordError {
     /// The export error names the file.
     #[error(transparent)]
     Write(ExportError),
+    #[error(transparent)]
+    Metadata(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Kubernetes(#[from] crate::metadata::kubernetes::KubernetesError),
 }
 
 impl RecordError {
     /// Process exit code for this error; documented in README.
     pub fn exit_code(&self) -> u8 {
         match self {
-            RecordError::UnknownFormat(_) | RecordError::Filter(_) => 2,
+            RecordError::UnknownFormat(_)
+            | RecordError::Filter(_)
+            | RecordError::Metadata(_)
+            | RecordError::Kubernetes(_) => 2,
             RecordError::Bpf(BpfError::Privileges(_)) => 3,
             RecordError::Bpf(BpfError::NoBtf { .. }) => 4,
             RecordError::NoSuchProcess(_) => 5,
@@ -68,6 +75,8 @@ const UNWIND_WAIT: Duration = Duration::from_secs(3);
 /// The same for a host-wide record, which scans every process (the
 /// busiest first) and should not hold sampling back for long.
 const UNWIND_WAIT_HOST: Duration = Duration::from_secs(1);
+/// Longest a record waits for the first pod list with `--kubernetes`.
+const KUBERNETES_WAIT: Duration = Duration::from_secs(3);
 
 /// What a finished record produced.
 #[derive(Debug)]
@@ -141,6 +150,7 @@ impl RecordSummary {
 
 pub async fn record(args: &RecordArgs) -> Result<RecordSummary, RecordError> {
     check_outputs(&args.outputs)?;
+    let metadata_config = args.metadata.config()?;
     for &pid in &args.pids {
         if !Path::new(&format!("/proc/{pid}")).exists() {
             return Err(RecordError::NoSuchProcess(pid));
@@ -161,6 +171,18 @@ pub async fn record(args: &RecordArgs) -> Result<RecordSummary, RecordError> {
     bpf::check_privileges()?;
     bpf::check_btf(&args.kernel_btf)?;
 
+    let metadata = crate::metadata::start(&metadata_config)?;
+    if let Some(pods) = &metadata.pods {
+        // A record is short: give the first pod list a moment, so the
+        // first windows are tagged (later ones are in any case).
+        let deadline = Instant::now() + KUBERNETES_WAIT;
+        while !pods.is_synced() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if !pods.is_synced() {
+            warn!("no pod list from the Kubernetes API yet; processes are tagged once it arrives");
+        }
+    }
     let mode = args.off_cpu.mode();
     let off_cpu = (mode != RecordMode::OnCpu)
         .then(|| OffCpuSettings::new(args.off_cpu.off_cpu_min, args.off_cpu.off_cpu_sample));
@@ -197,10 +219,13 @@ pub async fn record(args: &RecordArgs) -> Result<RecordSummary, RecordError> {
         "recording"
     );
 
-    let mut processor = WindowProcessor::new(BlazeSymbolizer::with_config(SymbolizerConfig {
-        debug_syms: args.debuginfo,
-        ..SymbolizerConfig::default()
-    }))
+    let mut processor = WindowProcessor::with_metadata(
+        BlazeSymbolizer::with_config(SymbolizerConfig {
+            debug_syms: args.debuginfo,
+            ..SymbolizerConfig::default()
+        }),
+        crate::metadata::MetadataResolver::new(metadata),
+    )
     .with_filter(filter);
     let meta = |kind| ProfileMeta {
         kind,

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use hearth::profile::Profile;
 
+pub mod cgroups;
 pub mod daemon;
+pub mod kube_api;
 pub mod otlp_check;
 pub mod otlp_receiver;
 

@@ -884,6 +884,7 @@ mod tests {
                 pid,
                 name: "app".into(),
                 executable: Some("/bin/app".into()),
+                metadata: Default::default(),
             });
             for k in 0..10u32 {
                 let frame = |name: String, inlined| Frame {

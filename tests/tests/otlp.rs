@@ -293,7 +293,10 @@ fn full_spool_drops_the_oldest_and_counts_it() {
         &daemon_args(
             &endpoint,
             &spool,
-            &["--queue-memory", "1KiB", "--spool-max-size", "4KiB"],
+            // A window's request is a few KiB to a few tens of KiB on a
+            // busy host (one resource with its metadata per process): a
+            // spool of a few requests.
+            &["--queue-memory", "1KiB", "--spool-max-size", "64KiB"],
         ),
         &[],
     );

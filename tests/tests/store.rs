@@ -33,6 +33,7 @@ fn window(ago: Duration, alpha_leaf: &str, alpha: u64, beta: u64) -> Profile {
             pid,
             name: name.into(),
             executable: None,
+            metadata: Default::default(),
         });
         let leaf = b.intern_frame(&Frame::named(leaf, FrameKind::Native));
         b.add_sample(process, pid, Arc::from(name), vec![leaf, main], count);

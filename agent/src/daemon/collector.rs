@@ -20,6 +20,7 @@ use super::DaemonError;
 use crate::bpf::{BpfError, OffCpuOptions, SampleSource, Sampler, SamplerOptions, Stat};
 use crate::config::OffCpuConfig;
 use crate::filter::FilterSpec;
+use crate::metadata::{MetadataOptions, MetadataResolver};
 use crate::metrics::Metrics;
 use crate::pipeline::WindowProcessor;
 use crate::profile::{wall_clock, OffCpuSettings, Profile};
@@ -46,6 +47,7 @@ pub struct CollectorOptions {
     pub unwind: UnwindMode,
     pub unwind_memory: u64,
     pub filter: FilterSpec,
+    pub metadata: MetadataOptions,
 }
 
 /// Starts sampling on a new thread. Returns once the programs are attached
@@ -111,10 +113,13 @@ fn run(
     );
 
     let mut collector = Collector {
-        processor: WindowProcessor::new(BlazeSymbolizer::with_config(SymbolizerConfig {
-            debug_syms: options.debuginfo,
-            ..SymbolizerConfig::default()
-        }))
+        processor: WindowProcessor::with_metadata(
+            BlazeSymbolizer::with_config(SymbolizerConfig {
+                debug_syms: options.debuginfo,
+                ..SymbolizerConfig::default()
+            }),
+            MetadataResolver::new(options.metadata.clone()),
+        )
         .with_filter(options.filter.clone()),
         metrics,
         windows,

@@ -57,6 +57,8 @@ pub enum DaemonError {
     Filter(#[from] FilterError),
     #[error("the {0} thread panicked")]
     Panicked(&'static str),
+    #[error(transparent)]
+    Kubernetes(#[from] crate::metadata::kubernetes::KubernetesError),
 }
 
 impl DaemonError {
@@ -69,7 +71,8 @@ impl DaemonError {
             | DaemonError::Client(_)
             | DaemonError::Delivery(_)
             | DaemonError::Metrics(_)
-            | DaemonError::Filter(_) => 2,
+            | DaemonError::Filter(_)
+            | DaemonError::Kubernetes(_) => 2,
             _ => 1,
         }
     }
@@ -141,6 +144,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         info!(%addr, "serving /metrics, /healthz, /readyz");
         tokio::spawn(metrics::serve(listener, metrics.clone()));
     }
+    // The pod watch runs on this runtime; the collector reads its index.
+    let metadata = crate::metadata::start(&config.metadata)?;
     let (stop_delivery, stop_rx) = tokio::sync::watch::channel(false);
     let delivery_task = delivery.map(|(queue, client)| {
         let task_queue = queue.clone();
@@ -168,6 +173,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             unwind: config.unwind,
             unwind_memory: config.unwind_memory,
             filter: FilterSpec::new(&config.filter)?,
+            metadata,
         },
         metrics.clone(),
         window_tx,

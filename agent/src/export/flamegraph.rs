@@ -531,6 +531,7 @@ mod tests {
             pid: 1,
             name: "app".into(),
             executable: Some("/usr/bin/app".into()),
+            metadata: Default::default(),
         });
         b.add_sample(p, 1, "app".into(), vec![k, memcpy, parse_args, main], 5);
         b.add_sample(p, 1, "app".into(), vec![unknown, main], 5);

@@ -143,6 +143,7 @@ pub fn parse(mut reader: impl BufRead) -> Result<Profile, ExportError> {
             pid: 0,
             name: process_name.into(),
             executable: None,
+            metadata: Default::default(),
         });
         let mut frames: Vec<FrameId> = names.map(|n| builder.intern_frame(&frame(n))).collect();
         frames.reverse();
@@ -187,6 +188,7 @@ mod tests {
                 pid,
                 name: "sh".into(),
                 executable: None,
+                metadata: Default::default(),
             });
             b.add_sample(p, pid, "sh".into(), vec![f], 2);
             b.add_sample(p, pid + 100, "sh-worker".into(), vec![f], 1);
@@ -211,6 +213,7 @@ mod tests {
             pid: 1,
             name: "a;b".into(),
             executable: None,
+            metadata: Default::default(),
         });
         let f = b.intern_frame(&native("f<[u8; 4]>\nx\r"));
         b.add_sample(p, 1, "t".into(), vec![f], 1);

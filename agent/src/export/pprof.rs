@@ -13,7 +13,12 @@
 //!   with one Line each, innermost first, as profile.proto specifies;
 //! * one Function per distinct (name, source file);
 //! * sample labels `pid` and `tid` (numeric), `thread_name` and
-//!   `process_name` (strings), so per-process and per-thread views work;
+//!   `process_name` (strings), so per-process and per-thread views work,
+//!   plus one label per attribute of the process's metadata under its
+//!   OpenTelemetry key (`container.id`, `k8s.pod.name`, `service.name`,
+//!   tags…; `process.parent_pid` numeric). Labels rather than comments:
+//!   a profile holds many processes, and `go tool pprof -tagfocus`,
+//!   Pyroscope and the local store's readers can select on labels;
 //! * the hostname as a comment (pprof has no field for it).
 //!
 //! [`decode`] reverses this for our files and reads other tools' pprof
@@ -32,8 +37,8 @@ use prost::Message;
 
 use super::ExportError;
 use crate::profile::{
-    Frame, FrameId, FrameKind, MappingId, OffCpuReason, OffCpuSettings, Process, Profile,
-    ProfileBuilder, ProfileMeta, SampleKind,
+    AttrValue, Frame, FrameId, FrameKind, MappingId, OffCpuReason, OffCpuSettings, Process,
+    ProcessMetadata, Profile, ProfileBuilder, ProfileMeta, SampleKind,
 };
 use crate::symbolize::{KERNEL_MAPPING_PATH, UNKNOWN};
 
@@ -262,6 +267,8 @@ fn to_proto(profile: &Profile) -> proto::Profile {
         enc.out.comment.push(comment);
     }
     let labels = [PID, TID, THREAD_NAME, PROCESS_NAME, OFF_CPU_REASON].map(|k| enc.string(k));
+    // Each process's metadata labels, built on first use.
+    let mut metadata_labels: Vec<Option<Vec<proto::Label>>> = vec![None; profile.processes.len()];
     for sample in &profile.samples {
         // A frame and the frames inlined into it end at the first frame
         // that is not itself inlined.
@@ -281,6 +288,20 @@ fn to_proto(profile: &Profile) -> proto::Profile {
         if let Some(reason) = sample.off_cpu {
             label.push(str_label(labels[4], enc.string(reason.as_str())));
         }
+        let metadata = metadata_labels[sample.process as usize].get_or_insert_with(|| {
+            process
+                .metadata
+                .iter()
+                .map(|(key, value)| {
+                    let key = enc.string(key.to_string());
+                    match value {
+                        AttrValue::Str(s) => str_label(key, enc.string(s.to_string())),
+                        AttrValue::Int(n) => num_label(key, *n),
+                    }
+                })
+                .collect()
+        });
+        label.extend_from_slice(metadata);
         let value = match time_type {
             None => vec![count, count.saturating_mul(period)],
             Some(_) => vec![count],
@@ -601,20 +622,28 @@ impl<'p> Decoder<'p> {
             let (mut pid, mut tid) = (0, 0);
             let (mut thread_name, mut process_name) = (empty.clone(), empty.clone());
             let mut off_cpu = None;
+            let mut attributes = Vec::new();
             for label in &s.label {
-                match &*self.string(label.key)? {
+                let key = self.string(label.key)?;
+                match &*key {
                     PID => pid = to_u32(label.num)?,
                     TID => tid = to_u32(label.num)?,
                     THREAD_NAME => thread_name = self.string(label.str)?,
                     PROCESS_NAME => process_name = self.string(label.str)?,
                     OFF_CPU_REASON => off_cpu = OffCpuReason::parse(&self.string(label.str)?),
-                    _ => {}
+                    // Any other label describes the process (our files
+                    // write its metadata this way).
+                    _ if label.str != 0 => {
+                        attributes.push((key, AttrValue::Str(self.string(label.str)?)))
+                    }
+                    _ => attributes.push((key, AttrValue::Int(label.num))),
                 }
             }
             let process = self.builder.intern_process(&Process {
                 pid,
                 name: process_name,
                 executable: None,
+                metadata: Arc::new(ProcessMetadata::new(attributes)),
             });
             let mut frames = Vec::new();
             for id in &s.location_id {
@@ -771,10 +800,46 @@ mod tests {
             pid: 7,
             name: "app".into(),
             executable: None,
+            metadata: Default::default(),
         });
         let main = b.intern_frame(&native("main"));
         b.add_sample(p, 8, "app".into(), vec![main], 4);
         b.build()
+    }
+
+    #[test]
+    fn process_metadata_round_trips_as_labels() {
+        let metadata = Arc::new(ProcessMetadata::new([
+            (Arc::from("container.id"), AttrValue::Str("c0ffee".into())),
+            (Arc::from("k8s.pod.name"), AttrValue::Str("cart-x".into())),
+            (Arc::from("process.parent_pid"), AttrValue::Int(1)),
+            (Arc::from("region"), AttrValue::Str("eu-1".into())),
+        ]));
+        let mut b = ProfileBuilder::new(meta());
+        let tagged = b.intern_process(&Process {
+            metadata: metadata.clone(),
+            ..Process::new(9, "cart", None)
+        });
+        let plain = b.intern_process(&Process::new(10, "other", None));
+        let main = b.intern_frame(&native("main"));
+        b.add_sample(tagged, 9, "cart".into(), vec![main], 3);
+        b.add_sample(plain, 10, "other".into(), vec![main], 2);
+        let original = b.build();
+        let bytes = encode(&original);
+        // The labels are there for other tools too.
+        let raw = gunzip(&bytes);
+        let s = |i: i64| raw.string_table[i as usize].as_str();
+        let first: Vec<(&str, &str, i64)> = raw.sample[0]
+            .label
+            .iter()
+            .map(|l| (s(l.key), s(l.str), l.num))
+            .collect();
+        assert!(first.contains(&("container.id", "c0ffee", 0)), "{first:?}");
+        assert!(first.contains(&("process.parent_pid", "", 1)), "{first:?}");
+        let decoded = decode(&bytes).unwrap();
+        let by_pid = |pid: u32| decoded.processes.iter().find(|p| p.pid == pid).unwrap();
+        assert_eq!(by_pid(9).metadata, metadata);
+        assert!(by_pid(10).metadata.is_empty());
     }
 
     #[test]
@@ -891,6 +956,7 @@ mod tests {
             pid: 1,
             name: "x".into(),
             executable: None,
+            metadata: Default::default(),
         });
         let frame = |name: &str, inlined: bool, line: u32| Frame {
             file: Some("x.c".into()),

@@ -514,6 +514,7 @@ mod tests {
                 pid,
                 name: name.into(),
                 executable: None,
+                metadata: Default::default(),
             });
             let leaf = b.intern_frame(&native(leaf));
             b.add_sample(p, pid, Arc::from(name), vec![leaf, main], count);

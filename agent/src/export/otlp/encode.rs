@@ -9,7 +9,9 @@
 //!   deduplicated by value and only what the request refers to is in it;
 //! * one `ResourceProfiles` per process, its resource built by [`resource`]
 //!   (`host.name`, `process.pid`, `process.executable.name`,
-//!   `process.executable.path`, `service.name`), with one `ScopeProfiles`
+//!   `process.executable.path`, `service.name`, and every attribute of the
+//!   process's metadata: container, Kubernetes, service, tags; see
+//!   [`crate::metadata`]), with one `ScopeProfiles`
 //!   (scope `hearth`, the crate version) holding one `Profile`;
 //! * a Profile has sample type `samples`/`count`, period type
 //!   `cpu`/`nanoseconds` and the sampling period (on-CPU), or sample type
@@ -59,8 +61,8 @@ use prost::encoding::encoded_len_varint;
 use prost::Message;
 
 use crate::profile::{
-    Frame, FrameId, FrameKind, Process, ProcessId, Profile, ProfileMeta, Sample as ModelSample,
-    SampleKind,
+    AttrValue as ModelAttrValue, Frame, FrameId, FrameKind, Process, ProcessId, Profile,
+    ProfileMeta, Sample as ModelSample, SampleKind,
 };
 use crate::symbolize::KERNEL_MAPPING_PATH;
 
@@ -72,7 +74,8 @@ pub const PROCESS_PID: &str = "process.pid";
 pub const PROCESS_EXECUTABLE_NAME: &str = "process.executable.name";
 /// Resource attribute: full path of the process's executable.
 pub const PROCESS_EXECUTABLE_PATH: &str = "process.executable.path";
-/// Resource attribute: the logical service; hearth only knows the executable.
+/// Resource attribute: the logical service (the process's metadata says
+/// which; else the executable's name).
 pub const SERVICE_NAME: &str = "service.name";
 /// Sample attribute: the thread id (int).
 pub const THREAD_ID: &str = "thread.id";
@@ -170,7 +173,7 @@ pub fn resource(meta: &ProfileMeta, process: &Process) -> Resource {
 
 fn resource_attributes(meta: &ProfileMeta, process: &Process) -> Vec<KeyValue> {
     let exe_name = executable_name(process);
-    let mut attributes = Vec::with_capacity(5);
+    let mut attributes = Vec::with_capacity(5 + process.metadata.len());
     if !meta.hostname.is_empty() {
         attributes.push(key_value(HOST_NAME, string_value(&meta.hostname)));
     }
@@ -181,12 +184,30 @@ fn resource_attributes(meta: &ProfileMeta, process: &Process) -> Vec<KeyValue> {
     if let Some(path) = process.executable.as_deref().filter(|p| !p.is_empty()) {
         attributes.push(key_value(PROCESS_EXECUTABLE_PATH, string_value(path)));
     }
-    let service = if exe_name.is_empty() {
-        UNKNOWN_SERVICE
-    } else {
-        exe_name
-    };
-    attributes.push(key_value(SERVICE_NAME, string_value(service)));
+    // The metadata's service.name (environment, pod, tags) when it has
+    // one; else the executable.
+    if process.metadata.get_str(SERVICE_NAME).is_none() {
+        let service = if exe_name.is_empty() {
+            UNKNOWN_SERVICE
+        } else {
+            exe_name
+        };
+        attributes.push(key_value(SERVICE_NAME, string_value(service)));
+    }
+    for (key, value) in process.metadata.iter() {
+        // The ones above are the model's own fields.
+        if matches!(
+            key,
+            HOST_NAME | PROCESS_PID | PROCESS_EXECUTABLE_NAME | PROCESS_EXECUTABLE_PATH
+        ) {
+            continue;
+        }
+        let value = match value {
+            ModelAttrValue::Str(s) => string_value(s),
+            ModelAttrValue::Int(n) => int_value(*n),
+        };
+        attributes.push(key_value(key, value));
+    }
     attributes
 }
 
@@ -978,6 +999,7 @@ mod tests {
                 pid: 1000 + pid,
                 name: format!("proc{pid}").into(),
                 executable: Some(format!("/opt/bin/proc{pid}").into()),
+                metadata: Default::default(),
             });
             for k in 0..stacks {
                 let frames = (0..(3 + k % 5))
@@ -1135,6 +1157,7 @@ mod tests {
             pid: 7,
             name: name.into(),
             executable: exe.map(Arc::from),
+            metadata: Default::default(),
         };
         let attrs = |p: &Process| -> HashMap<String, String> {
             resource_attrs(&ResourceProfiles {
@@ -1155,12 +1178,54 @@ mod tests {
     }
 
     #[test]
+    fn process_metadata_goes_on_the_resource() {
+        let metadata = crate::profile::ProcessMetadata::new([
+            (
+                Arc::from("service.name"),
+                ModelAttrValue::Str("checkout".into()),
+            ),
+            (
+                Arc::from("container.id"),
+                ModelAttrValue::Str("c0ffee".into()),
+            ),
+            (Arc::from("process.parent_pid"), ModelAttrValue::Int(1)),
+            // The model's own fields win over metadata with their keys.
+            (Arc::from(PROCESS_PID), ModelAttrValue::Int(99)),
+        ]);
+        let process = Process {
+            metadata: Arc::new(metadata),
+            ..Process::new(7, "app", Some("/usr/bin/app".into()))
+        };
+        let r = resource(&meta(), &process);
+        let a = resource_attrs(&ResourceProfiles {
+            resource: Some(r.clone()),
+            ..Default::default()
+        });
+        assert_eq!(a[SERVICE_NAME], "checkout");
+        assert_eq!(a["container.id"], "c0ffee");
+        assert_eq!(a[PROCESS_PID], "7");
+        let keys: Vec<&str> = r.attributes.iter().map(|kv| kv.key.as_str()).collect();
+        let unique: std::collections::HashSet<&str> = keys.iter().copied().collect();
+        assert_eq!(keys.len(), unique.len(), "each key once: {keys:?}");
+        let ppid = r
+            .attributes
+            .iter()
+            .find(|kv| kv.key == "process.parent_pid")
+            .unwrap();
+        assert_eq!(
+            ppid.value.as_ref().unwrap().value,
+            Some(any_value::Value::IntValue(1))
+        );
+    }
+
+    #[test]
     fn sample_values_attributes_and_timestamps() {
         let mut b = ProfileBuilder::new(meta());
         let p = b.intern_process(&Process {
             pid: 5,
             name: "x".into(),
             executable: None,
+            metadata: Default::default(),
         });
         let start = 1_700_000_000_000_000_000u64;
         let end = start + 10_000_000_000;
@@ -1224,6 +1289,7 @@ mod tests {
             pid: 1,
             name: "x".into(),
             executable: None,
+            metadata: Default::default(),
         });
         let exe = b.intern_mapping(&ModelMapping {
             path: "/bin/x".into(),
@@ -1326,6 +1392,7 @@ mod tests {
             pid: 3,
             name: "x".into(),
             executable: None,
+            metadata: Default::default(),
         });
         b.add_sample(p, 3, "x".into(), Vec::new(), 2);
         let req = encode_one(&b.build());

@@ -48,7 +48,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{/* The keys the chart writes into config.toml itself. */}}
 {{- define "hearth.managedKeys" -}}
-metrics-addr otlp-headers-file otlp-ca otlp-client-cert otlp-client-key
+metrics-addr otlp-headers-file otlp-ca otlp-client-cert otlp-client-key kubernetes pod-labels
 {{- end }}
 
 {{/* config.toml: .Values.config as TOML key = value lines (JSON strings,
@@ -68,6 +68,10 @@ the chart manages. */}}
 {{- end }}
 {{- end }}
 metrics-addr = {{ printf "0.0.0.0:%v" .Values.metrics.port | quote }}
+kubernetes = {{ .Values.kubernetes.enabled }}
+{{- if and .Values.kubernetes.enabled .Values.kubernetes.podLabels }}
+pod-labels = {{ toJson .Values.kubernetes.podLabels }}
+{{- end }}
 {{- with .Values.otlp.headersSecret.name }}
 otlp-headers-file = "/etc/hearth/headers/headers"
 {{- end }}
