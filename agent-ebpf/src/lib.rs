@@ -102,6 +102,9 @@ pub const PROCESS_EVENT_EXEC: u32 = 1;
 /// [`ProcessEvent::kind`]: the last thread of a process exited
 /// (`sched_process_exit` with `group_dead`).
 pub const PROCESS_EVENT_EXIT: u32 = 2;
+/// [`ProcessEvent::kind`]: the first on-CPU sample of a process since its
+/// exec; userspace reads its mappings now (`time_ns` is the sample's).
+pub const PROCESS_EVENT_SAMPLED: u32 = 3;
 /// Size of the `PROCESS_EVENTS` ring buffer (a power of two of pages).
 pub const PROCESS_EVENTS_BYTES: u32 = 256 * 1024;
 

@@ -14,7 +14,7 @@ use aya_ebpf::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_task_storage_get,
     },
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf, StackTrace},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, StackTrace},
 };
 use hearth_ebpf::{
     SampleCount, SampleKey, Stack, Stat, UnwindFile, UnwindMapping, UnwindPage, UnwindProc,
@@ -45,6 +45,14 @@ pub static CGROUP_FILTER: HashMap<u64, u8> = HashMap::with_max_entries(1024, 0);
 /// while the process still lives. Sized by userspace.
 #[map]
 pub static PROCESS_EVENTS: RingBuf = RingBuf::with_byte_size(PROCESS_EVENTS_BYTES, 0);
+
+/// Processes that exec'd and were not sampled since (tgid → 1): the first
+/// on-CPU sample of one asks userspace to read its mappings (a
+/// `PROCESS_EVENT_SAMPLED`), so processes never sampled, most of the
+/// short-lived ones of a busy host, cost no /proc reads. LRU: a process
+/// never sampled and never seen exiting ages out.
+#[map]
+pub static FRESH_EXECS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(16 * 1024, 0);
 
 /// Per-CPU buffers a stack is built in before it is deduplicated into a
 /// `STACKS_*` map (a stack does not fit the 512-byte BPF stack). One slot

@@ -41,6 +41,7 @@ fn try_on_cpu_sample(ctx: &PerfEventContext) -> Result<(), Stat> {
     if filtered_out(tgid) {
         return Err(Stat::Filtered);
     }
+    crate::process_events::note_sampled(tgid);
     with_window(|window| record(ctx, tgid, tid, window))
 }
 

@@ -2,7 +2,8 @@
 //! `PROCESS_EVENTS` ring buffer.
 //!
 //! A process that lives less than a drain interval is gone from /proc by
-//! the time its samples are symbolized. The exec event lets userspace read
+//! the time its samples are symbolized. The exec event marks it fresh; its
+//! first on-CPU sample then sends a sampled event that lets userspace read
 //! its mappings (and open the mapped files) while it runs, and the exit
 //! event tells it when caches keyed by that process can go. Both fire at
 //! process rate, not sample rate, and do no more than one ring-buffer
@@ -21,9 +22,10 @@ use aya_ebpf::{
 };
 use hearth_ebpf::{
     ProcessEvent, Stat, FILTER_NAMES, FILTER_PIDS, PROCESS_EVENT_EXEC, PROCESS_EVENT_EXIT,
+    PROCESS_EVENT_SAMPLED,
 };
 
-use crate::maps::{count, filter_flags, filtered_out, PID_FILTER, PROCESS_EVENTS};
+use crate::maps::{count, filter_flags, filtered_out, FRESH_EXECS, PID_FILTER, PROCESS_EVENTS};
 
 /// `sched_process_exec(struct task_struct *p, pid_t old_pid,
 /// struct linux_binprm *bprm)`, in the context of the process, after its
@@ -38,6 +40,9 @@ pub fn process_exec(_ctx: BtfTracePointContext) -> u32 {
     if filter_flags() & FILTER_NAMES == 0 && filtered_out(tgid) {
         return 0;
     }
+    // Userspace reads the mappings at the first sample, not now: most
+    // short-lived processes are never sampled.
+    let _ = FRESH_EXECS.insert(&tgid, &1, 0);
     send(PROCESS_EVENT_EXEC, tgid);
     0
 }
@@ -57,8 +62,18 @@ pub fn process_exit(ctx: BtfTracePointContext) -> u32 {
         // Missing entries are the common case; the result does not matter.
         let _ = PID_FILTER.remove(&tgid);
     }
+    let _ = FRESH_EXECS.remove(&tgid);
     send(PROCESS_EVENT_EXIT, tgid);
     0
+}
+
+/// Called for every on-CPU sample: the first one of a process since its
+/// exec asks userspace to read the process's mappings while it runs.
+#[inline(always)]
+pub fn note_sampled(tgid: u32) {
+    if FRESH_EXECS.get_ptr(&tgid).is_some() && FRESH_EXECS.remove(&tgid).is_ok() {
+        send(PROCESS_EVENT_SAMPLED, tgid);
+    }
 }
 
 #[inline(always)]
