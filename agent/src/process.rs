@@ -68,11 +68,9 @@ impl ProcessTable {
             return entry.process.clone();
         }
         let mut process = match (key.image, capture) {
-            (Image::Exec(_), Some(capture)) => Process::new(
-                key.pid,
-                capture.name.as_str(),
-                capture.executable.clone(),
-            ),
+            (Image::Exec(_), Some(capture)) => {
+                Process::new(key.pid, capture.name.as_str(), capture.executable.clone())
+            }
             (Image::Started(_), _) => read_process(key.pid, thread_comm),
             _ => Process::new(key.pid, thread_comm, None),
         };
