@@ -15,7 +15,7 @@
 //! reused pid never inherits a filter decision made for another process.
 
 use aya_ebpf::{
-    bindings::BPF_RB_NO_WAKEUP,
+    bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
@@ -89,8 +89,15 @@ fn send(kind: u32, pid: u32) {
         time_ns: unsafe { bpf_ktime_get_ns() },
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
     });
-    // No wakeup: waking the reader raises an interrupt (an APIC write),
-    // which in a VM is an exit costing some 20 µs per event, measured;
-    // userspace polls the ring every few milliseconds instead.
-    entry.submit(BPF_RB_NO_WAKEUP as u64);
+    // Execs and exits do not wake the reader: waking it raises an
+    // interrupt (an APIC write), which in a VM is an exit costing some
+    // 20 µs per event, measured; userspace reads them when it next looks.
+    // A first sample does: the process may live only milliseconds more,
+    // and these come at most at the sampling rate of new processes.
+    let flags = if kind == PROCESS_EVENT_SAMPLED {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(flags as u64);
 }

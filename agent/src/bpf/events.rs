@@ -22,6 +22,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
@@ -50,11 +51,16 @@ const MAX_FRESH: usize = 16 * 1024;
 /// Open mapped files kept for captures; beyond it those no capture holds
 /// are closed.
 const MAX_OPEN_FILES: usize = 1024;
-/// How often the ring is read. The kernel programs do not wake the reader
-/// (that costs them ~20 µs per event in a VM), so this bounds the delay
-/// between an exec and its capture; ~200 wakeups a second cost the agent
-/// about 0.1% of a CPU.
-const POLL: Duration = Duration::from_millis(5);
+/// How long the reader waits for the ring between looks. A first sample
+/// of an exec'd image wakes it at once; execs and exits do not (waking
+/// costs the kernel programs ~20 µs per event in a VM), they only need
+/// reading before the ring fills: 256 KiB holds 8192 events. Polling every
+/// 5 ms instead cost the agent about 0.1% of a CPU.
+const POLL: Duration = Duration::from_millis(200);
+/// With process-name rules, execs are read this often, so the kernel
+/// learns an exec'd process's verdict quickly (until then it is sampled,
+/// and the sample dropped at drain).
+const POLL_NAME_RULES: Duration = Duration::from_millis(5);
 
 /// Counters of the thread, read by the drain.
 #[derive(Debug, Default)]
@@ -180,14 +186,19 @@ impl State {
     fn run(&mut self, stop: &AtomicBool) {
         while !stop.load(Ordering::Relaxed) {
             let now = Instant::now();
+            let poll = if self.spec.has_names() {
+                POLL_NAME_RULES
+            } else {
+                POLL
+            };
             let timeout = self
                 .recapture
                 .iter()
                 .map(|&(due, ..)| due.saturating_duration_since(now))
                 .min()
-                .unwrap_or(POLL)
-                .min(POLL);
-            std::thread::sleep(timeout);
+                .unwrap_or(poll)
+                .min(poll);
+            wait_readable(self.maps.ring.as_raw_fd(), timeout);
             let mut raw = Vec::new();
             while let Some(item) = self.maps.ring.next() {
                 if item.len() >= std::mem::size_of::<RawEvent>() {
@@ -448,6 +459,18 @@ impl State {
 
 /// Only the executable, its interpreter and the vDSO are mapped: the
 /// dynamic loader has not mapped the libraries yet.
+/// Waits until the ring has data the kernel woke us for, or `timeout`.
+fn wait_readable(fd: RawFd, timeout: Duration) {
+    let mut pollfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: one valid pollfd; an error (EINTR) just ends the wait early.
+    unsafe { libc::poll(&mut pollfd, 1, ms) };
+}
+
 fn loader_only(maps: &ProcMaps) -> bool {
     let mut files = maps.entries().iter().filter_map(|e| match &e.backing {
         Backing::File { path, .. } => Some(path),
