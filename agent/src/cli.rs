@@ -180,6 +180,42 @@ pub struct FilterArgs {
     /// Leave out processes in this cgroup v2 subtree (repeatable).
     #[arg(long = "exclude-cgroup", value_name = "PATH")]
     pub exclude_cgroups: Vec<String>,
+
+    /// Profile the pods of this Kubernetes namespace (repeatable; needs
+    /// Kubernetes metadata).
+    #[arg(long = "include-namespace", value_name = "NAMESPACE")]
+    pub include_namespaces: Vec<String>,
+
+    /// Leave out the pods of this Kubernetes namespace (repeatable).
+    #[arg(long = "exclude-namespace", value_name = "NAMESPACE")]
+    pub exclude_namespaces: Vec<String>,
+
+    /// Profile the pods this label selector picks, e.g.
+    /// `app=web,tier!=db` or `env in (prod,staging)` (repeatable).
+    #[arg(long = "include-pod-selector", value_name = "SELECTOR")]
+    pub include_pod_selectors: Vec<String>,
+
+    /// Leave out the pods this label selector picks (repeatable).
+    #[arg(long = "exclude-pod-selector", value_name = "SELECTOR")]
+    pub exclude_pod_selectors: Vec<String>,
+}
+
+impl FilterArgs {
+    /// The rules; `--pid` targets are added by `record` itself.
+    pub fn rules(&self) -> crate::filter::FilterRules {
+        crate::filter::FilterRules {
+            include_pids: Vec::new(),
+            exclude_pids: self.exclude_pids.clone(),
+            include_names: self.include_names.clone(),
+            exclude_names: self.exclude_names.clone(),
+            include_cgroups: self.include_cgroups.clone(),
+            exclude_cgroups: self.exclude_cgroups.clone(),
+            include_namespaces: self.include_namespaces.clone(),
+            exclude_namespaces: self.exclude_namespaces.clone(),
+            include_pod_selectors: self.include_pod_selectors.clone(),
+            exclude_pod_selectors: self.exclude_pod_selectors.clone(),
+        }
+    }
 }
 
 /// What kind of time a record measures.

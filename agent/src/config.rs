@@ -314,6 +314,47 @@ pub struct RunOptions {
     )]
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exclude_cgroup: Vec<String>,
+
+    /// Profile the pods of this Kubernetes namespace (repeatable;
+    /// comma-separated in the environment). Needs Kubernetes metadata.
+    #[arg(
+        long = "include-namespace",
+        env = "HEARTH_INCLUDE_NAMESPACE",
+        value_name = "NAMESPACE",
+        value_delimiter = ','
+    )]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub include_namespace: Vec<String>,
+
+    /// Leave out the pods of this Kubernetes namespace.
+    #[arg(
+        long = "exclude-namespace",
+        env = "HEARTH_EXCLUDE_NAMESPACE",
+        value_name = "NAMESPACE",
+        value_delimiter = ','
+    )]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude_namespace: Vec<String>,
+
+    /// Profile the pods a Kubernetes label selector picks
+    /// (`app=web,tier!=db`, `env in (prod,staging)`; repeatable, one
+    /// selector in the environment).
+    #[arg(
+        long = "include-pod-selector",
+        env = "HEARTH_INCLUDE_POD_SELECTOR",
+        value_name = "SELECTOR"
+    )]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub include_pod_selector: Vec<String>,
+
+    /// Leave out the pods a label selector picks.
+    #[arg(
+        long = "exclude-pod-selector",
+        env = "HEARTH_EXCLUDE_POD_SELECTOR",
+        value_name = "SELECTOR"
+    )]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude_pod_selector: Vec<String>,
     /// Tag profiles with Kubernetes metadata from a watch on this node's
     /// pods (NODE_NAME) [default: true when KUBERNETES_SERVICE_HOST is set].
     #[arg(long, env = "HEARTH_KUBERNETES", num_args = 0..=1,
@@ -612,7 +653,13 @@ pub fn check_label_key(key: &str) -> Result<(), String> {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'))
         && key.matches('/').count() <= 1
         && !key.starts_with('/')
-        && !key.ends_with('/');
+        && !key.ends_with('/')
+        // The name (after any prefix) starts and ends alphanumeric.
+        && key.rsplit('/').next().is_some_and(|name| {
+            name.len() <= 63
+                && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && name.ends_with(|c: char| c.is_ascii_alphanumeric())
+        });
     if valid {
         Ok(())
     } else {
@@ -755,10 +802,25 @@ impl Config {
             exclude_names: opts.exclude_name.clone(),
             include_cgroups: opts.include_cgroup.clone(),
             exclude_cgroups: opts.exclude_cgroup.clone(),
+            include_namespaces: opts.include_namespace.clone(),
+            exclude_namespaces: opts.exclude_namespace.clone(),
+            include_pod_selectors: opts.include_pod_selector.clone(),
+            exclude_pod_selectors: opts.exclude_pod_selector.clone(),
         };
         FilterSpec::new(&filter).map_err(|e| ConfigError::invalid(e.flag(), e.to_string()))?;
+        let metadata = MetadataConfig::resolve(
+            opts.kubernetes,
+            opts.kubernetes_api.clone(),
+            &opts.pod_labels,
+            &opts.tags,
+            opts.command_line.unwrap_or(false),
+        )?;
+        filter
+            .check_kubernetes(metadata.kubernetes)
+            .map_err(|e| ConfigError::invalid(e.flag(), e.to_string()))?;
         Ok(Config {
             filter,
+            metadata,
             frequency_hz,
             interval,
             otlp,
@@ -778,13 +840,6 @@ impl Config {
                 Some(size) => crate::unwind::check_table_memory(size.0)
                     .map_err(|message| ConfigError::invalid("unwind-memory", message))?,
             },
-            metadata: MetadataConfig::resolve(
-                opts.kubernetes,
-                opts.kubernetes_api.clone(),
-                &opts.pod_labels,
-                &opts.tags,
-                opts.command_line.unwrap_or(false),
-            )?,
         })
     }
 
@@ -838,6 +893,10 @@ impl Config {
             exclude_name: self.filter.exclude_names.clone(),
             include_cgroup: self.filter.include_cgroups.clone(),
             exclude_cgroup: self.filter.exclude_cgroups.clone(),
+            include_namespace: self.filter.include_namespaces.clone(),
+            exclude_namespace: self.filter.exclude_namespaces.clone(),
+            include_pod_selector: self.filter.include_pod_selectors.clone(),
+            exclude_pod_selector: self.filter.exclude_pod_selectors.clone(),
             kubernetes: Some(self.metadata.kubernetes),
             kubernetes_api: self.metadata.kubernetes_api.clone(),
             pod_labels: self.metadata.pod_labels.clone(),

@@ -172,6 +172,7 @@ impl<S: Symbolize> WindowProcessor<S> {
             if !self
                 .filter
                 .allows_name(&process.name, process.executable.as_deref())
+                || self.processes.excluded_by_pod(key)
             {
                 self.filtered_at_drain += sample.count;
                 continue;

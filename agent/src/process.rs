@@ -103,6 +103,14 @@ impl ProcessTable {
         process
     }
 
+    /// Whether a pod exclude rule picks the pod of `key` (looked up
+    /// before): its samples taken before the kernel learned it are dropped.
+    pub fn excluded_by_pod(&self, key: ProcessKey) -> bool {
+        self.entries
+            .get(&key)
+            .is_some_and(|e| e.resolved.pod_verdict == crate::filter::PodVerdict::Exclude)
+    }
+
     /// Drops an image whose samples are all drained.
     pub fn forget(&mut self, key: ProcessKey) {
         self.entries.remove(&key);

@@ -16,7 +16,7 @@ use crate::bpf::{
 };
 use crate::cli::{RecordArgs, RecordMode};
 use crate::export::{self, ExportError, OutputFormat};
-use crate::filter::{FilterError, FilterRules, FilterSpec};
+use crate::filter::{FilterError, FilterSpec};
 use crate::pipeline::{hostname, WindowProcessor};
 use crate::profile::{
     wall_clock, OffCpuSettings, Profile, ProfileBuilder, ProfileMeta, SampleKind,
@@ -156,22 +156,18 @@ pub async fn record(args: &RecordArgs) -> Result<RecordSummary, RecordError> {
             return Err(RecordError::NoSuchProcess(pid));
         }
     }
-    let filter = FilterSpec::new(&FilterRules {
-        include_pids: Vec::new(),
-        exclude_pids: args.filter.exclude_pids.clone(),
-        include_names: args.filter.include_names.clone(),
-        exclude_names: args.filter.exclude_names.clone(),
-        include_cgroups: args.filter.include_cgroups.clone(),
-        exclude_cgroups: args.filter.exclude_cgroups.clone(),
-    })?;
+    let rules = args.filter.rules();
+    rules.check_kubernetes(metadata_config.kubernetes)?;
+    let filter = FilterSpec::new(&rules)?;
     // Stop when every --pid target exited, unless other rules include more.
     let only_pids = !args.pids.is_empty()
         && filter.include_names.is_empty()
-        && filter.include_cgroups.is_empty();
+        && filter.include_cgroups.is_empty()
+        && !filter.pods.has_includes();
     bpf::check_privileges()?;
     bpf::check_btf(&args.kernel_btf)?;
 
-    let metadata = crate::metadata::start(&metadata_config)?;
+    let metadata = crate::metadata::start(&metadata_config, &filter.pods)?;
     if let Some(pods) = &metadata.pods {
         // A record is short: give the first pod list a moment, so the
         // first windows are tagged (later ones are in any case).
@@ -209,6 +205,11 @@ pub async fn record(args: &RecordArgs) -> Result<RecordSummary, RecordError> {
         },
         ..SamplerOptions::default()
     })?;
+    crate::filter::pods::start_feeder(
+        &filter.pods,
+        metadata.pods.as_ref(),
+        sampler.filter_handle(),
+    );
     let started = Instant::now();
     info!(
         frequency_hz,

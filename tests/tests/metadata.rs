@@ -555,3 +555,164 @@ fn kubernetes_attributes_from_a_pod_watch() {
     drop((cart, agent, agent2, late, resumed));
     drop(cgroups);
 }
+
+/// Samples of `pid` in a recorded profile.
+fn sample_count(profile: &hearth::profile::Profile, pid: u32) -> u64 {
+    samples_of_pid(profile, pid).iter().map(|s| s.count).sum()
+}
+
+/// What `hearth record` says it left out in the kernel.
+fn filtered_in_kernel(stderr: &str) -> u64 {
+    let Some(end) = stderr.find(" filtered out in the kernel") else {
+        return 0;
+    };
+    let start = stderr[..end].rfind(' ').map_or(0, |i| i + 1);
+    stderr[start..end].parse().unwrap_or(0)
+}
+
+/// Pod filters: `--exclude-namespace` leaves a namespace's pods out and
+/// `--include-pod-selector` samples only the pods a selector picks. The
+/// pods come from a fake API server, their containers are real cgroups
+/// (systemd and cgroupfs layouts), and a third process runs in no pod.
+/// The kernel leaves the filtered processes out before any stack walk
+/// (the filtered counter accounts for their CPU time).
+#[test]
+fn namespace_and_pod_selector_filters() {
+    let dir = scratch_dir("metadata-pod-filter");
+    let exe = build_c_fixture("cpu_split", FRAME_POINTER_FLAGS, &dir);
+    let mut cgroups = Cgroups::new("podfilter");
+    let node = format!("filter-node-{}", std::process::id());
+    let cart_cg = cgroups.create(
+        "unified",
+        &format!(
+            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{ID_A}.scope",
+            underscored(UID_A)
+        ),
+    );
+    let agent_cg = cgroups.create(
+        "unified",
+        &format!("/kubepods/besteffort/pod{UID_B}/{ID_B}"),
+    );
+    let api = FakeApi::start(true);
+    api.apply(&pod_from_fixture(
+        "pod-cart.json",
+        &node,
+        UID_A,
+        &[("${CONTAINER_ID}", ID_A), ("${SIDECAR_ID}", ID_C)],
+    ));
+    let mut agent_pod = pod_from_fixture("pod-node-agent.json", &node, UID_B, &[]);
+    agent_pod["status"]["containerStatuses"][0]["containerID"] =
+        serde_json::Value::String(format!("cri-o://{ID_B}"));
+    api.apply(&agent_pod);
+
+    let cart = Fixture::spawn(&exe, &["30"]);
+    Cgroups::enter(&cart_cg, cart.pid());
+    let agent = Fixture::spawn(&exe, &["30"]);
+    Cgroups::enter(&agent_cg, agent.pid());
+    let outside = Fixture::spawn(&exe, &["30"]);
+    let url = api.url();
+    let record = |name: &str, rule: &[&str]| {
+        let pb = dir.join(format!("{name}.pb.gz"));
+        let mut args = vec![
+            "record",
+            "-d",
+            "4s",
+            "-F",
+            "99",
+            "--kubernetes-api",
+            &url,
+            "-o",
+            pb.to_str().unwrap(),
+        ];
+        args.extend_from_slice(rule);
+        let out = Command::new(hearth_bin())
+            .args(&args)
+            .env("HEARTH_LOG", "info")
+            .env("NODE_NAME", &node)
+            .output()
+            .expect("running hearth");
+        assert_exit(&out, 0);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (read_pprof(&pb), filtered_in_kernel(&stderr), stderr)
+    };
+
+    // 1. The monitoring namespace (the node agent's pod) is left out.
+    let (profile, filtered, stderr) = record("exclude", &["--exclude-namespace", "monitoring"]);
+    let (kept_cart, kept_outside) = (
+        sample_count(&profile, cart.pid()),
+        sample_count(&profile, outside.pid()),
+    );
+    assert_eq!(
+        sample_count(&profile, agent.pid()),
+        0,
+        "the excluded namespace's process has samples\n{stderr}"
+    );
+    assert!(
+        kept_cart > 20 && kept_outside > 20,
+        "{kept_cart} cart, {kept_outside} outside samples\n{stderr}"
+    );
+    // The three share the CPUs alike: most of the agent's share is
+    // counted as filtered in the kernel (the first moments, before the
+    // pod list reached the kernel, are dropped at drain).
+    assert!(
+        filtered as f64 >= 0.5 * kept_cart as f64,
+        "{filtered} filtered in the kernel, {kept_cart} cart samples\n{stderr}"
+    );
+
+    // 2. Only pods whose team label is payments (the cart pod).
+    let (profile, filtered, stderr) = record(
+        "include",
+        &[
+            "--include-pod-selector",
+            "app.kubernetes.io/team in (payments,search),app.kubernetes.io/name",
+        ],
+    );
+    let kept_cart = sample_count(&profile, cart.pid());
+    assert!(kept_cart > 20, "{kept_cart} cart samples\n{stderr}");
+    assert_eq!(
+        kept_cart,
+        profile.total_count(),
+        "only the selected pod's process is sampled\n{stderr}"
+    );
+    assert!(
+        filtered as f64 >= kept_cart as f64,
+        "{filtered} filtered in the kernel (agent and outside), {kept_cart} cart samples\n{stderr}"
+    );
+
+    // 3. Pod rules without Kubernetes metadata, and bad rules, are usage
+    // errors.
+    let out_path = dir.join("never.folded");
+    for (rule, says) in [
+        (
+            vec!["--include-namespace", "shop"],
+            "needs Kubernetes metadata",
+        ),
+        (
+            vec![
+                "--kubernetes-api",
+                &url,
+                "--exclude-namespace",
+                "Not_A_Namespace",
+            ],
+            "not a Kubernetes namespace name",
+        ),
+        (
+            vec![
+                "--kubernetes-api",
+                &url,
+                "--include-pod-selector",
+                "app in (web",
+            ],
+            "--include-pod-selector",
+        ),
+    ] {
+        let mut args = vec!["record", "-d", "1s", "-o", out_path.to_str().unwrap()];
+        args.extend(rule.iter());
+        let out = hearth(&args);
+        assert_exit(&out, 2);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(says), "{rule:?}: {stderr}");
+    }
+    drop((cart, agent, outside));
+    drop(cgroups);
+}

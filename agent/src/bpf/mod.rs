@@ -338,7 +338,19 @@ mod tests {
         let short = sleeper(40, Duration::from_millis(2));
         let long = sleeper(15, Duration::from_millis(20));
         let (short, long) = (short.join().unwrap(), long.join().unwrap());
+        // Threads of the test harness (other tests run in parallel) may be
+        // off CPU at the stop and exit right after: count every thread
+        // alive just before or just after it.
+        let tids = || -> std::collections::HashSet<String> {
+            std::fs::read_dir("/proc/self/task")
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        };
+        let before_stop = tids();
         sampler.stop().unwrap();
+        let alive_at_stop = before_stop.union(&tids()).count() as u64;
         let window = sampler.drain().unwrap();
         let in_pending = sampler.off_cpu_pending().unwrap();
         let st = window.stats;
@@ -356,7 +368,7 @@ mod tests {
         // per thread of this process (the pid filter) is open at the stop.
         let started = st.get(Stat::OffCpuStarted);
         let woken = st.get(Stat::OffCpuWoken) + st.get(Stat::OffCpuStartStale);
-        let threads = std::fs::read_dir("/proc/self/task").unwrap().count() as u64;
+        let threads = alive_at_stop;
         assert!(
             woken <= started && started - woken <= threads,
             "{started} started, {woken} woke, {threads} threads: {st:?}"

@@ -104,6 +104,11 @@ fn run(
         }
     };
     let _ = started.send(Ok(()));
+    crate::filter::pods::start_feeder(
+        &options.filter.pods,
+        options.metadata.pods.as_ref(),
+        sampler.filter_handle(),
+    );
     Metrics::set(&metrics.frequency_hz, sampler.frequency_hz());
     info!(
         frequency_hz = sampler.frequency_hz(),

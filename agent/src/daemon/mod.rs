@@ -145,7 +145,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         tokio::spawn(metrics::serve(listener, metrics.clone()));
     }
     // The pod watch runs on this runtime; the collector reads its index.
-    let metadata = crate::metadata::start(&config.metadata)?;
+    let filter = FilterSpec::new(&config.filter)?;
+    let metadata = crate::metadata::start(&config.metadata, &filter.pods)?;
     let (stop_delivery, stop_rx) = tokio::sync::watch::channel(false);
     let delivery_task = delivery.map(|(queue, client)| {
         let task_queue = queue.clone();
@@ -172,7 +173,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             off_cpu: config.off_cpu,
             unwind: config.unwind,
             unwind_memory: config.unwind_memory,
-            filter: FilterSpec::new(&config.filter)?,
+            filter,
             metadata,
         },
         metrics.clone(),

@@ -26,6 +26,8 @@ use kube::runtime::WatchStreamExt;
 use kube::{Api, Client};
 use tracing::{debug, info, warn};
 
+use crate::filter::pods::{PodRules, PodVerdict, PodVerdicts};
+
 /// Where the API server is and which node's pods to watch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KubernetesConfig {
@@ -80,6 +82,8 @@ pub struct PodInfo {
     /// `deployment.*` keys: `(key, value)`.
     pub resource_annotations: Vec<(Arc<str>, Arc<str>)>,
     pub containers: Vec<ContainerInfo>,
+    /// What the pod filter rules say about it.
+    pub verdict: PodVerdict,
 }
 
 impl PodInfo {
@@ -167,11 +171,21 @@ impl Index {
 #[derive(Debug, Clone, Default)]
 pub struct PodIndex {
     inner: Arc<RwLock<Index>>,
+    /// Decide each pod's [`PodInfo::verdict`].
+    rules: Arc<PodRules>,
 }
 
 impl PodIndex {
     pub fn new() -> PodIndex {
         PodIndex::default()
+    }
+
+    /// An index that judges every pod by the filter's pod `rules`.
+    pub fn with_rules(rules: PodRules) -> PodIndex {
+        PodIndex {
+            rules: Arc::new(rules),
+            ..PodIndex::default()
+        }
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Index> {
@@ -215,6 +229,22 @@ impl PodIndex {
         self.read().synced
     }
 
+    /// The pods (and their containers) the filter rules pick.
+    pub fn verdicts(&self) -> PodVerdicts {
+        let index = self.read();
+        let mut out = PodVerdicts::default();
+        for pod in index.pods.values() {
+            if pod.verdict == PodVerdict::Neither {
+                continue;
+            }
+            out.pods.insert(pod.uid.clone(), pod.verdict);
+            for id in pod.containers.iter().filter_map(|c| c.id.clone()) {
+                out.containers.insert(id, pod.verdict);
+            }
+        }
+        out
+    }
+
     /// Pods indexed.
     pub fn len(&self) -> usize {
         self.read().pods.len()
@@ -226,11 +256,20 @@ impl PodIndex {
 
     /// Applies one watch event.
     pub fn apply(&self, event: Event<Pod>, pod_labels: &[String]) {
+        let info = |pod: &Pod| {
+            let mut info = pod_info(pod, pod_labels)?;
+            if !self.rules.is_empty() {
+                let empty = std::collections::BTreeMap::new();
+                let labels = pod.metadata.labels.as_ref().unwrap_or(&empty);
+                info.verdict = self.rules.verdict(&info.namespace, labels);
+            }
+            Some(info)
+        };
         let mut index = self.write();
         match event {
             Event::Init => index.staging = Some(Vec::new()),
             Event::InitApply(pod) => {
-                if let Some(info) = pod_info(&pod, pod_labels) {
+                if let Some(info) = info(&pod) {
                     index
                         .staging
                         .get_or_insert_with(Vec::new)
@@ -248,7 +287,7 @@ impl PodIndex {
                 index.generation += 1;
             }
             Event::Apply(pod) => {
-                if let Some(info) = pod_info(&pod, pod_labels) {
+                if let Some(info) = info(&pod) {
                     index.insert(Arc::new(info));
                     index.generation += 1;
                 }
@@ -435,6 +474,7 @@ pub fn pod_info(pod: &Pod, pod_labels: &[String]) -> Option<PodInfo> {
             })
             .collect(),
         containers,
+        verdict: PodVerdict::Neither,
     })
 }
 

@@ -43,6 +43,7 @@ use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 
+use crate::filter::PodVerdict;
 use crate::profile::{AttrValue, ProcessMetadata};
 pub use container::CgroupInfo;
 pub use kubernetes::{KubernetesConfig, PodIndex, PodMatch};
@@ -89,9 +90,10 @@ pub struct MetadataOptions {
 /// runtime) and returns what the resolver needs.
 pub fn start(
     config: &crate::config::MetadataConfig,
+    pod_rules: &crate::filter::PodRules,
 ) -> Result<MetadataOptions, kubernetes::KubernetesError> {
     let pods = if config.kubernetes {
-        let index = PodIndex::new();
+        let index = PodIndex::with_rules(pod_rules.clone());
         kubernetes::spawn_watch(
             &KubernetesConfig {
                 api: config.kubernetes_api.clone(),
@@ -133,6 +135,9 @@ pub struct Resolved {
     /// when no lookup is needed (found, not in a container, or no
     /// Kubernetes).
     waiting_since: Option<u64>,
+    /// What the pod filter rules say about its pod (`Neither` when its
+    /// pod is not known).
+    pub pod_verdict: PodVerdict,
 }
 
 /// Reads and composes process metadata; owned by the process table.
@@ -228,6 +233,7 @@ impl MetadataResolver {
             metadata: Arc::new(metadata),
             facts,
             waiting_since,
+            pod_verdict: pod.map_or(PodVerdict::Neither, |p| p.pod.verdict),
         }
     }
 
@@ -416,6 +422,7 @@ mod tests {
                 runtime: Some("containerd"),
                 image: Some("registry.example:5000/cart:2.0-image".into()),
             }],
+            verdict: PodVerdict::Neither,
         }
     }
 

@@ -32,10 +32,12 @@
 //! controllers plus `/sys/fs/cgroup/unified`) systemd mirrors its tree in
 //! the unified hierarchy, so the same unit is found there.
 //!
-//! Later changes (Kubernetes pod filters) feed cgroup ids at runtime
-//! through a [`FilterHandle`]; the spec must then say, at load time,
-//! whether runtime includes or excludes will come
-//! ([`FilterSpec::runtime_cgroups`]).
+//! * **Kubernetes namespaces and pod label selectors: in the kernel too**,
+//!   once the pod watch has listed a pod: [`pods`] finds the pod's cgroups
+//!   and feeds their ids at runtime through a [`FilterHandle`] (the spec
+//!   says at load time whether runtime includes or excludes will come,
+//!   [`FilterSpec::runtime_cgroups`]). Excluded pods' samples taken before
+//!   that are dropped at drain. They need Kubernetes metadata on.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -45,6 +47,9 @@ use hearth_ebpf::{
     FILTER_CGROUPS, FILTER_INCLUDE, FILTER_MAX_CGROUP_LEVEL, FILTER_NAMES, FILTER_PIDS,
 };
 use regex::Regex;
+
+pub mod pods;
+pub use pods::{PodRules, PodVerdict};
 
 /// `statfs` magic of cgroup v2 (`CGROUP2_SUPER_MAGIC`).
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
@@ -82,6 +87,13 @@ pub enum FilterError {
     NoCgroupV2 { flag: &'static str, path: String },
     #[error("--{flag} {path}: the root cgroup holds every process; name a cgroup below it")]
     RootCgroup { flag: &'static str, path: String },
+    #[error("--{flag}: {message}")]
+    BadPodRule { flag: &'static str, message: String },
+    #[error(
+        "--{flag} needs Kubernetes metadata: run in a cluster (KUBERNETES_SERVICE_HOST), \
+         or give --kubernetes or --kubernetes-api"
+    )]
+    NeedsKubernetes { flag: &'static str },
     #[error("--{flag} {path}: {depth} levels deep, the kernel filter checks at most {max}")]
     TooDeep {
         flag: &'static str,
@@ -101,7 +113,9 @@ impl FilterError {
             | FilterError::NotCgroup { flag, .. }
             | FilterError::NoCgroupV2 { flag, .. }
             | FilterError::RootCgroup { flag, .. }
-            | FilterError::TooDeep { flag, .. } => flag,
+            | FilterError::TooDeep { flag, .. }
+            | FilterError::BadPodRule { flag, .. }
+            | FilterError::NeedsKubernetes { flag } => flag,
         }
     }
 }
@@ -115,11 +129,38 @@ pub struct FilterRules {
     pub exclude_names: Vec<String>,
     pub include_cgroups: Vec<String>,
     pub exclude_cgroups: Vec<String>,
+    /// Kubernetes namespaces.
+    pub include_namespaces: Vec<String>,
+    pub exclude_namespaces: Vec<String>,
+    /// Kubernetes label selectors on pods (`app=web,tier!=db`).
+    pub include_pod_selectors: Vec<String>,
+    pub exclude_pod_selectors: Vec<String>,
 }
 
 impl FilterRules {
     pub fn is_empty(&self) -> bool {
         self == &FilterRules::default()
+    }
+
+    /// The first pod rule's option, if any is given.
+    pub fn first_pod_flag(&self) -> Option<&'static str> {
+        [
+            ("include-namespace", &self.include_namespaces),
+            ("exclude-namespace", &self.exclude_namespaces),
+            ("include-pod-selector", &self.include_pod_selectors),
+            ("exclude-pod-selector", &self.exclude_pod_selectors),
+        ]
+        .into_iter()
+        .find(|(_, rules)| !rules.is_empty())
+        .map(|(flag, _)| flag)
+    }
+
+    /// Pod rules select on what the pod watch reports.
+    pub fn check_kubernetes(&self, kubernetes: bool) -> Result<(), FilterError> {
+        match self.first_pod_flag() {
+            Some(flag) if !kubernetes => Err(FilterError::NeedsKubernetes { flag }),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -145,6 +186,9 @@ pub struct FilterSpec {
     pub exclude_names: Vec<Regex>,
     pub include_cgroups: Vec<Cgroup>,
     pub exclude_cgroups: Vec<Cgroup>,
+    /// Kubernetes namespace and pod selector rules, applied through cgroup
+    /// ids fed at runtime.
+    pub pods: PodRules,
     /// (include, exclude): cgroup ids of these kinds will be fed at
     /// runtime through a [`FilterHandle`], so the kernel checks must be
     /// loaded even without rules now.
@@ -181,6 +225,12 @@ impl FilterSpec {
                 .map(|p| resolve_cgroup(flag, p, mount.as_deref()))
                 .collect::<Result<Vec<_>, _>>()
         };
+        let pods = PodRules::new(
+            &rules.include_namespaces,
+            &rules.exclude_namespaces,
+            &rules.include_pod_selectors,
+            &rules.exclude_pod_selectors,
+        )?;
         Ok(Self {
             include_pids: rules.include_pids.clone(),
             exclude_pids: rules.exclude_pids.clone(),
@@ -188,7 +238,8 @@ impl FilterSpec {
             exclude_names: regexes("exclude-name", &rules.exclude_names)?,
             include_cgroups: cgroups("include-cgroup", &rules.include_cgroups)?,
             exclude_cgroups: cgroups("exclude-cgroup", &rules.exclude_cgroups)?,
-            runtime_cgroups: (false, false),
+            runtime_cgroups: (pods.has_includes(), pods.has_excludes()),
+            pods,
         })
     }
 
@@ -304,6 +355,7 @@ impl FilterSpec {
                 .map(|c| c.path.clone())
                 .collect(),
         );
+        parts.extend(self.pods.describe());
         parts.join(" ")
     }
 }
