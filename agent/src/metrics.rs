@@ -117,6 +117,12 @@ pub struct Metrics {
     pub unwind_files_loaded: AtomicU64,
     pub unwind_table_bytes: AtomicU64,
     pub unwind_processes: AtomicU64,
+
+    /// The Kubernetes pod watch (copied from the pod index at each window;
+    /// absent from the exposition without `--kubernetes`).
+    pub kubernetes_pods: AtomicU64,
+    pub kubernetes_watch_errors: AtomicU64,
+    pub kubernetes_enabled: AtomicBool,
 }
 
 impl Metrics {
@@ -447,6 +453,21 @@ pub fn render(metrics: &Metrics) -> String {
         "Processes walked with unwind tables now.",
         load(&metrics.unwind_processes),
     );
+
+    if metrics.kubernetes_enabled.load(Ordering::Relaxed) {
+        out.single(
+            "hearth_kubernetes_pods",
+            Kind::Gauge,
+            "Pods of this node the pod watch knows.",
+            load(&metrics.kubernetes_pods),
+        );
+        out.single(
+            "hearth_kubernetes_watch_errors_total",
+            Kind::Counter,
+            "Errors of the Kubernetes pod watch (each retried with backoff; profiles flow untagged meanwhile).",
+            load(&metrics.kubernetes_watch_errors),
+        );
+    }
 
     out.single(
         "hearth_symbol_cache_hits_total",

@@ -132,6 +132,7 @@ fn run(
         off_cpu_settings: options
             .off_cpu
             .map(|o| OffCpuSettings::new(o.min, o.sample_probability)),
+        pods: options.metadata.pods.clone(),
     };
     let mut meter = match CpuMeter::new() {
         Ok(m) => Some(m),
@@ -206,6 +207,8 @@ struct Collector {
     off_cpu: Option<OffCpuConfig>,
     /// How off-CPU windows describe their recording.
     off_cpu_settings: Option<OffCpuSettings>,
+    /// The pod watch's index, for its metrics.
+    pods: Option<crate::metadata::PodIndex>,
 }
 
 impl Collector {
@@ -234,6 +237,11 @@ impl Collector {
             Metrics::set(&m.unwind_files_loaded, u.files_loaded);
             Metrics::set(&m.unwind_table_bytes, u.table_bytes);
             Metrics::set(&m.unwind_processes, u.processes_loaded);
+        }
+        if let Some(pods) = &self.pods {
+            m.kubernetes_enabled.store(true, Ordering::Relaxed);
+            Metrics::set(&m.kubernetes_pods, pods.len() as u64);
+            Metrics::set(&m.kubernetes_watch_errors, pods.watch_errors());
         }
         let sym = self.processor.symbolizer().stats();
         Metrics::set(&m.symbol_cache_hits, sym.cache_hits);

@@ -134,6 +134,8 @@ struct Index {
     /// only when something changed.
     generation: u64,
     synced: bool,
+    /// Watch errors so far (each retried with backoff).
+    errors: u64,
     pods: HashMap<Arc<str>, Arc<PodInfo>>,
     /// Container id → (pod UID, index in its containers).
     containers: HashMap<String, (Arc<str>, usize)>,
@@ -245,6 +247,15 @@ impl PodIndex {
         out
     }
 
+    /// Watch errors so far.
+    pub fn watch_errors(&self) -> u64 {
+        self.read().errors
+    }
+
+    fn note_error(&self) {
+        self.write().errors += 1;
+    }
+
     /// Pods indexed.
     pub fn len(&self) -> usize {
         self.read().pods.len()
@@ -353,10 +364,14 @@ async fn watch(client: Client, node: String, labels: Vec<String>, index: PodInde
                 }
             }
             Err(e) if !failing => {
+                index.note_error();
                 warn!(error = %e, "Kubernetes pod watch failed; retrying with backoff, profiles go without Kubernetes attributes meanwhile");
                 failing = true;
             }
-            Err(e) => debug!(error = %e, "Kubernetes pod watch still failing"),
+            Err(e) => {
+                index.note_error();
+                debug!(error = %e, "Kubernetes pod watch still failing");
+            }
         }
     }
 }
