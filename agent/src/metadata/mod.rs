@@ -23,6 +23,14 @@
 //! from the environment, the annotations, then tags. Tags fill in any key
 //! nothing else set.
 //!
+//! The /proc part ([`FactsReader`]) runs where the process is first seen:
+//! for an image exec'd while hearth runs, on the process-event thread at
+//! its first sample ([`crate::incarnation::Capture::facts`]), so a process
+//! gone before the drain keeps its parent, container and service
+//! attributes; for the others, at the drain. The composing part
+//! ([`MetadataResolver::compose`], with the pod lookup) always runs at the
+//! drain.
+//!
 //! A process in a container whose pod is not known (yet: the API is
 //! unreachable, or the watch has not listed the pod), or whose pod is
 //! known but does not list its container id yet (a container starting, a
