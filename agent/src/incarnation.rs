@@ -6,9 +6,10 @@
 //! program carry their time (`bpf_ktime_get_ns`), as do samples (the time
 //! each stack was last seen), so a sample of pid P at time T belongs to the
 //! latest exec of P before T, unless P's exit came between. That image's
-//! [`Capture`], taken when the exec was reported, has its mappings, its
-//! open mapped files and its name, so it is symbolized and tagged even when
-//! it is gone from /proc at drain time.
+//! [`Capture`], taken at the image's first on-CPU sample, has its mappings,
+//! its open mapped files, its name and the facts its metadata is composed
+//! from (container, service environment, parent), so it is symbolized and
+//! tagged even when it is gone from /proc at drain time.
 //!
 //! Processes whose exec was not seen (running before the agent started, a
 //! child that forked without exec, an event lost to a full ring buffer)
@@ -24,6 +25,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::sync::Arc;
 
+use crate::metadata::Facts;
 use crate::symbolize::maps::{FileKey, ProcMaps};
 
 /// Which image of a process a cache entry describes.
@@ -81,6 +83,11 @@ pub struct Capture {
     /// Open handles to the mapped files, shared with other captures of the
     /// same files.
     pub(crate) files: Vec<(FileKey, Arc<File>)>,
+    /// What the metadata is composed from (parent, cgroup, service
+    /// environment, build ID), read with the rest; `None` when the
+    /// capture does not read them (the drain reads /proc then, if the
+    /// process still lives).
+    pub facts: Option<Arc<Facts>>,
 }
 
 impl Capture {
@@ -290,6 +297,7 @@ pub(crate) fn fake_capture(pid: u32, exec_ns: u64, name: &str) -> Arc<Capture> {
         executable: Some(Arc::from(format!("/usr/bin/{name}"))),
         maps: Some(ProcMaps::default()),
         files: Vec::new(),
+        facts: None,
     })
 }
 

@@ -7,8 +7,13 @@
 //! whose exec was not seen is read from /proc under its start time (the
 //! pipeline resolves it once per window). Processes that exited before we
 //! looked are named after the thread name the kernel recorded with the
-//! sample. Container, environment and ids are read from /proc only while
-//! the pid still belongs to the same process, never from a reused pid.
+//! sample. Container, environment and ids come from the capture when it
+//! read them (at the image's first sample, so a process that lived less
+//! than a drain interval keeps its container, pod and service attributes,
+//! and the drain does not read them again); otherwise they are read from
+//! /proc only while the pid still belongs to the same process, never from
+//! a reused pid. Either way the pod is looked up at drain, and again
+//! while it is not found ([`MetadataResolver::refresh`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -74,22 +79,33 @@ impl ProcessTable {
             (Image::Started(_), _) => read_process(key.pid, thread_comm),
             _ => Process::new(key.pid, thread_comm, None),
         };
-        // /proc/<pid> still shows this process (not a successor on a
-        // reused pid) when its start time is the one the key or capture has.
-        let now = start_time(key.pid);
-        let same_process = now.is_some()
-            && match key.image {
-                Image::Started(ticks) => now == Some(ticks),
-                Image::Exec(_) => capture.and_then(|c| c.start_ticks) == now,
-                Image::Unknown => false,
-            };
         let executable = process.executable.clone();
-        let resolved = if same_process {
-            self.metadata
-                .resolve(key.pid, &process.name, executable.as_deref())
-        } else {
-            self.metadata
-                .resolve_gone(&process.name, executable.as_deref())
+        let captured = match key.image {
+            Image::Exec(_) => capture.and_then(|c| c.facts.clone()),
+            _ => None,
+        };
+        let resolved = match captured {
+            // Read while it ran: alive or not now, nothing to read again.
+            Some(facts) => self.metadata.compose(facts),
+            None => {
+                // /proc/<pid> still shows this process (not a successor
+                // on a reused pid) when its start time is the one the key
+                // or capture has.
+                let now = start_time(key.pid);
+                let same_process = now.is_some()
+                    && match key.image {
+                        Image::Started(ticks) => now == Some(ticks),
+                        Image::Exec(_) => capture.and_then(|c| c.start_ticks) == now,
+                        Image::Unknown => false,
+                    };
+                if same_process {
+                    self.metadata
+                        .resolve(key.pid, &process.name, executable.as_deref())
+                } else {
+                    self.metadata
+                        .resolve_gone(&process.name, executable.as_deref())
+                }
+            }
         };
         process.metadata = resolved.metadata.clone();
         self.entries.insert(
@@ -210,6 +226,91 @@ mod tests {
         assert_eq!(table.len(), 2);
         table.forget(first.key());
         assert_eq!(table.len(), 1);
+    }
+
+    /// A capture of `pid` carrying `facts`.
+    fn captured(
+        pid: u32,
+        start_ticks: Option<u64>,
+        facts: Option<crate::metadata::Facts>,
+    ) -> Capture {
+        let fake = crate::incarnation::fake_capture(pid, 100, "short");
+        Capture {
+            start_ticks,
+            facts: facts.map(Arc::new),
+            ..Arc::try_unwrap(fake).unwrap()
+        }
+    }
+
+    #[test]
+    fn captured_facts_tag_a_process_gone_before_the_drain() {
+        use crate::metadata::{FactsReader, ReadOptions};
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .env("OTEL_SERVICE_NAME", "checkout")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        crate::metadata::tests::wait_for_environ(pid);
+        let ticks = start_time(pid);
+        let facts = FactsReader::new(ReadOptions::default()).read(pid, "sleep", None);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let mut table = ProcessTable::new();
+        let with = captured(pid, ticks, Some(facts));
+        let m = table.lookup(with.key(), "x", Some(&with)).metadata;
+        assert_eq!(m.get_str("service.name"), Some("checkout"));
+        assert_eq!(
+            m.get("process.parent_pid"),
+            Some(&crate::profile::AttrValue::Int(std::process::id().into()))
+        );
+        // Captured without facts: only what needs no /proc.
+        let without = captured(pid, ticks, None);
+        table.forget(without.key());
+        let m = table.lookup(without.key(), "x", Some(&without)).metadata;
+        assert_eq!(m.get_str("service.name"), Some("short"));
+        assert!(m.get("process.parent_pid").is_none());
+    }
+
+    #[test]
+    fn a_gone_process_finds_its_pod_from_captured_facts() {
+        use crate::metadata::tests::{facts, ID};
+        use crate::metadata::{MetadataOptions, PodIndex};
+        let pods = PodIndex::new();
+        let mut table = ProcessTable::with_metadata(MetadataResolver::new(MetadataOptions {
+            pods: Some(pods.clone()),
+            ..MetadataOptions::default()
+        }));
+        // Beyond pid_max: never a live process.
+        let capture = captured(u32::MAX - 1, Some(1), Some(facts(&[], None)));
+        let lookup = |table: &mut ProcessTable| {
+            table
+                .lookup(capture.key(), "x", Some(&capture))
+                .metadata
+                .clone()
+        };
+        let m = lookup(&mut table);
+        assert_eq!(m.get_str("container.id"), Some(ID));
+        assert_eq!(m.get_str("k8s.pod.uid"), Some("uid-1"));
+        assert_eq!(m.get_str("k8s.pod.name"), None);
+        // The pod shows up after the process is gone: the next window
+        // looks it up again.
+        let pod = serde_json::json!({
+            "metadata": {"name": "p", "namespace": "ns", "uid": "uid-1"},
+            "spec": {"containers": [{"name": "app", "image": "x:1"}]},
+            "status": {"containerStatuses": [{"name": "app",
+                "containerID": format!("containerd://{ID}"),
+                "image": "x:1", "imageID": "", "ready": true, "restartCount": 0}]}
+        });
+        pods.apply(
+            kube::runtime::watcher::Event::Apply(serde_json::from_value(pod).unwrap()),
+            &[],
+        );
+        table.end_window();
+        let m = lookup(&mut table);
+        assert_eq!(m.get_str("k8s.pod.name"), Some("p"));
+        assert_eq!(m.get_str("k8s.container.name"), Some("app"));
+        assert_eq!(m.get_str("service.name"), Some("p"));
     }
 
     #[test]

@@ -203,6 +203,7 @@ pub async fn record(args: &RecordArgs) -> Result<RecordSummary, RecordError> {
         } else {
             UNWIND_WAIT
         },
+        capture_facts: Some(metadata.read_options()),
         ..SamplerOptions::default()
     })?;
     crate::filter::pods::start_feeder(
@@ -289,7 +290,9 @@ pub async fn record(args: &RecordArgs) -> Result<RecordSummary, RecordError> {
         captures_too_late = events.captures_too_late.load(Ordering::Relaxed),
         captures_dropped = events.captures_dropped.load(Ordering::Relaxed),
         recaptures = events.recaptures.load(Ordering::Relaxed),
-        capture_ms = events.capture_ns.load(Ordering::Relaxed) / 1_000_000,
+        captures = events.captures.load(Ordering::Relaxed),
+        capture_us = events.capture_ns.load(Ordering::Relaxed) / 1_000,
+        facts_us = events.facts_ns.load(Ordering::Relaxed) / 1_000,
         filtered_at_drain = processor.filtered_at_drain,
         "process events"
     );

@@ -9,6 +9,7 @@ use std::time::Duration;
 use hearth::profile::Profile;
 
 pub mod cgroups;
+pub mod churn;
 pub mod daemon;
 pub mod kube_api;
 pub mod otlp_check;
@@ -139,6 +140,28 @@ impl Drop for Fixture {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Starts `hearth <args>` (a `record`) with `env` added and returns once
+/// it is sampling, with the file its log goes to.
+pub fn start_hearth(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (Child, PathBuf) {
+    let log = dir.join("hearth.log");
+    let child = Command::new(hearth_bin())
+        .args(args)
+        .env("HEARTH_LOG", "info")
+        .envs(env.iter().copied())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("starting hearth");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("recording")
+    {
+        assert!(std::time::Instant::now() < deadline, "hearth did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (child, log)
 }
 
 /// Runs `hearth <args>` to completion.

@@ -2,7 +2,8 @@
 //! UIDs from real cgroups shaped like each runtime's, in the v2 and the v1
 //! hierarchies; `service.*` from a process's `OTEL_*` environment and host
 //! tags on the OTLP resource; Kubernetes attributes from a pod watch
-//! against a fake API server, through a pod deletion and an API outage.
+//! against a fake API server, through a pod deletion and an API outage;
+//! all of them on short-lived processes gone before the drain.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -10,6 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use hearth_integration_tests::cgroups::Cgroups;
+use hearth_integration_tests::churn::{self, Churn};
 use hearth_integration_tests::daemon::Daemon;
 use hearth_integration_tests::kube_api::FakeApi;
 use hearth_integration_tests::otlp_check::{check_request, stacks};
@@ -310,6 +312,116 @@ fn service_attributes_from_the_environment_reach_otlp() {
     assert!(!c.contains_key("service.version"), "{c:#?}");
     assert_eq!(c["deployment.environment.name"], "tag-env");
     drop((named, attrs_only, broken));
+    drop(cgroups);
+}
+
+/// Children living about 40 ms each, born in a containerd kubepods cgroup
+/// with `OTEL_*` in their environment, recorded with one drain at the end
+/// (a 7 s record with a 10 s drain interval, as the daemon drains): every
+/// child is gone by the drain, and still tagged from what was read at its
+/// first sample, its pod found through a fake API.
+#[test]
+fn short_lived_processes_keep_container_pod_and_service_attributes() {
+    let dir = scratch_dir("metadata-short-lived");
+    let mut cgroups = Cgroups::new("short-lived");
+    let cg = cgroups.create(
+        "unified",
+        &format!(
+            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{ID_A}.scope",
+            underscored(UID_A)
+        ),
+    );
+    let node = format!("test-node-{}", std::process::id());
+    let api = FakeApi::start(true);
+    api.apply(&pod_from_fixture(
+        "pod-cart.json",
+        &node,
+        UID_A,
+        &[("${CONTAINER_ID}", ID_A), ("${SIDECAR_ID}", ID_C)],
+    ));
+    let pb = dir.join("p.pb.gz");
+    let url = api.url();
+    let args = [
+        "record",
+        "-d",
+        "7s",
+        "--drain-interval",
+        "10s",
+        "-F",
+        "99",
+        "--kubernetes-api",
+        &url,
+        "-o",
+        pb.to_str().unwrap(),
+    ];
+    let (mut hearth, log) = start_hearth(&dir, &args, &[("NODE_NAME", &node)]);
+    let churn = Churn {
+        flags: FRAME_POINTER_FLAGS,
+        seconds: 3,
+        rate: 20,
+        work_ms: 40,
+        env: &[
+            ("OTEL_SERVICE_NAME", "checkout-batch"),
+            ("OTEL_RESOURCE_ATTRIBUTES", "service.version=3.1.4"),
+        ],
+        cgroup: Some(&cg),
+    }
+    .start(&dir);
+    let parent = churn.id();
+    let children = churn::children(churn);
+    // Every child has exited and been reaped, and the record's only drain
+    // (at its end) is still to come.
+    assert!(
+        hearth.try_wait().unwrap().is_none(),
+        "hearth ended before the children did"
+    );
+    let status = hearth.wait().unwrap();
+    let log = std::fs::read_to_string(log).unwrap();
+    assert!(status.success(), "hearth: {status}\n{log}");
+    eprintln!(
+        "{}",
+        log.lines()
+            .filter(|l| l.contains("process events"))
+            .collect::<String>()
+    );
+    let profile = read_pprof(&pb);
+    let parent_pid = parent.to_string();
+    let (mut total, mut tagged) = (0u64, 0u64);
+    let mut wrong = Vec::new();
+    for sample in &profile.samples {
+        let process = profile.process(sample.process);
+        if !children.contains_key(&process.pid) {
+            continue;
+        }
+        let count = sample.count;
+        let m = &process.metadata;
+        total += count;
+        let right = m.get_str("container.id") == Some(ID_A)
+            && m.get_str("container.runtime") == Some("containerd")
+            && m.get_str("k8s.pod.uid") == Some(UID_A)
+            && m.get_str("k8s.pod.name") == Some("cart-7d9f8b6c5d-x2k4p")
+            && m.get_str("k8s.namespace.name") == Some("shop")
+            && m.get_str("k8s.container.name") == Some("app")
+            && m.get_str("service.name") == Some("checkout-batch")
+            && m.get_str("service.version") == Some("3.1.4")
+            && m.get("process.parent_pid").map(ToString::to_string) == Some(parent_pid.clone());
+        if right {
+            tagged += count;
+        } else if wrong.len() < 5 {
+            wrong.push((process.pid, process.name.to_string(), count, m.clone()));
+        }
+    }
+    eprintln!(
+        "{} children, {total} samples, {tagged} with their container, pod and service; \
+         others: {wrong:#?}",
+        children.len()
+    );
+    // 60 children × 40 ms at 99 Hz: about 240 samples.
+    assert!(total >= 100, "{total} samples of the children\n{log}");
+    assert!(
+        tagged as f64 >= 0.9 * total as f64,
+        "{tagged} of {total} samples tagged\n{log}"
+    );
     drop(cgroups);
 }
 

@@ -2,54 +2,11 @@
 //! the real kernel programs (root, BPF).
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use hearth_integration_tests::churn::{self, Churn};
 use hearth_integration_tests::*;
-
-/// `churn` started with `rate` children per second for `seconds`, its
-/// children a copy of it (another file, so nothing of the parent's is
-/// reused for them). Returns the running parent. Linked statically: a
-/// dynamic loader's start-up (about a millisecond of a 20 ms life, in a
-/// stripped ld.so) would be samples no profiler can name. At nice -10, so
-/// the children get their CPU time while the record runs even on a busy
-/// machine.
-fn start_churn(dir: &Path, flags: &[&str], seconds: u32, rate: u32) -> std::process::Child {
-    let mut flags = flags.to_vec();
-    flags.push("-static");
-    let exe = build_c_fixture("churn", &flags, dir);
-    let child_exe = dir.join("churn_child");
-    std::fs::copy(&exe, &child_exe).expect("copying the child executable");
-    Command::new("nice")
-        .args(["-n", "-10"])
-        .arg(&exe)
-        .args([&seconds.to_string(), &rate.to_string()])
-        .arg(&child_exe)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("starting churn")
-}
-
-/// Waits for churn and returns each child's pid → its work function.
-fn churn_children(mut churn: std::process::Child) -> HashMap<u32, String> {
-    let mut out = String::new();
-    churn
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    assert!(churn.wait().unwrap().success());
-    assert!(out.ends_with("done\n"), "{out}");
-    out.lines()
-        .filter_map(|l| {
-            let (pid, k) = l.split_once(' ')?;
-            Some((pid.parse().ok()?, format!("churn_work_{k}")))
-        })
-        .collect()
-}
 
 /// Checks the children's samples: at least 95% symbolized with their own
 /// names (their work function, or, for the moments around it, the start-up
@@ -136,36 +93,19 @@ fn check_churn(profile: &hearth::profile::Profile, children: &HashMap<u32, Strin
     );
 }
 
-/// Starts `hearth <args>` and returns once it is sampling, with the file
-/// its log goes to.
-fn start_hearth(dir: &Path, args: &[&str]) -> (std::process::Child, PathBuf) {
-    let log = dir.join("hearth.log");
-    let child = Command::new(hearth_bin())
-        .args(args)
-        .env("HEARTH_LOG", "info")
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("starting hearth");
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("recording")
-    {
-        assert!(std::time::Instant::now() < deadline, "hearth did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (child, log)
-}
-
 fn record_churn(test: &str, flags: &[&str], extra: &[&str]) {
     let dir = scratch_dir(test);
     let pb = dir.join("p.pb.gz");
     let mut args = vec!["record", "-d", "7s", "-F", "99", "-o", pb.to_str().unwrap()];
     args.extend_from_slice(extra);
-    let (mut hearth, log) = start_hearth(&dir, &args);
-    let churn = start_churn(&dir, flags, 4, 30);
+    let (mut hearth, log) = start_hearth(&dir, &args, &[]);
+    let churn = Churn {
+        flags,
+        ..Churn::default()
+    }
+    .start(&dir);
     let parent = churn.id();
-    let children = churn_children(churn);
+    let children = churn::children(churn);
     let status = hearth.wait().unwrap();
     let log = std::fs::read_to_string(log).unwrap();
     assert!(status.success(), "hearth: {status}\n{log}");

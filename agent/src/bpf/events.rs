@@ -10,10 +10,16 @@
 //! A capture is `/proc/<pid>/stat` (start time), `/proc/<pid>/exe`,
 //! `/proc/<pid>/maps`, and an open handle to each mapped file not already
 //! held (through `/proc/<pid>/map_files`, else the process's root), shared
-//! with other captures by device and inode. A process sampled before the
+//! with other captures by device and inode; and, for the daemon and
+//! `record`, the metadata [`Facts`] (parent, cgroup, `OTEL_*` environment,
+//! build ID, the command line with `--command-line`), so a process gone
+//! before the drain keeps its container and service attributes. The facts
+//! cost about as much again as the rest of a capture (see
+//! [`EventCounters::facts_ns`]). A process sampled before the
 //! dynamic loader has run holds only the executable and its interpreter,
 //! so such a capture is taken again [`RECAPTURE_AFTER`] later if the
-//! process still lives. Captures go to the drain through a bounded
+//! process still lives (with the facts of the first: they do not change
+//! with the loader). Captures go to the drain through a bounded
 //! channel ([`MAX_PENDING`]); beyond it they are dropped and counted, and
 //! those processes are read from /proc at drain like any other.
 //!
@@ -37,6 +43,7 @@ use tracing::{debug, warn};
 
 use crate::filter::{FilterSpec, FilterUpdate, NameVerdict};
 use crate::incarnation::{Capture, ProcessEvent};
+use crate::metadata::{Facts, FactsReader, ReadOptions};
 use crate::process::start_time;
 use crate::symbolize::maps::{Backing, FileKey, ProcMaps};
 
@@ -73,8 +80,12 @@ pub struct EventCounters {
     pub captures_dropped: AtomicU64,
     /// Second captures taken once the libraries were mapped.
     pub recaptures: AtomicU64,
-    /// Time spent capturing, nanoseconds.
+    /// First captures taken (not counting recaptures).
+    pub captures: AtomicU64,
+    /// Time spent capturing, nanoseconds (facts included).
     pub capture_ns: AtomicU64,
+    /// Of which reading the metadata facts, nanoseconds.
+    pub facts_ns: AtomicU64,
 }
 
 /// The maps the thread owns.
@@ -91,9 +102,12 @@ pub struct EventThread {
 }
 
 impl EventThread {
+    /// `facts`: read each image's metadata facts at its capture, with
+    /// these options; `None` leaves them to the drain.
     pub fn spawn(
         maps: EventMaps,
         spec: FilterSpec,
+        facts: Option<ReadOptions>,
         events: SyncSender<ProcessEvent>,
         updates: Receiver<FilterUpdate>,
     ) -> std::io::Result<Self> {
@@ -106,6 +120,7 @@ impl EventThread {
             updates,
             counters: counters.clone(),
             files: HashMap::new(),
+            facts: facts.map(FactsReader::new),
             recapture: Vec::new(),
             fresh: HashMap::new(),
             name_entries: HashMap::new(),
@@ -141,8 +156,10 @@ struct State {
     counters: Arc<EventCounters>,
     /// Open mapped files by identity.
     files: HashMap<FileKey, Arc<File>>,
-    /// (due, pid, exec_ns) of second captures.
-    recapture: Vec<(Instant, u32, u64)>,
+    /// Reads the metadata facts of captured processes, if asked to.
+    facts: Option<FactsReader>,
+    /// (due, pid, exec_ns, facts of the first capture) of second captures.
+    recapture: Vec<(Instant, u32, u64, Option<Arc<Facts>>)>,
     /// Execs not sampled yet: pid → (exec time, name after the exec).
     fresh: HashMap<u32, (u64, String)>,
     /// `PID_FILTER` bits set from name rules, by pid.
@@ -219,15 +236,12 @@ impl State {
                 self.update(update);
             }
             let now = Instant::now();
-            let due: Vec<(u32, u64)> = self
-                .recapture
-                .iter()
-                .filter(|(when, ..)| *when <= now)
-                .map(|&(_, pid, ns)| (pid, ns))
-                .collect();
-            self.recapture.retain(|(when, ..)| *when > now);
-            for (pid, exec_ns) in due {
-                if let Some(capture) = self.capture(pid, exec_ns, None) {
+            let (due, later) = std::mem::take(&mut self.recapture)
+                .into_iter()
+                .partition(|(when, ..)| *when <= now);
+            self.recapture = later;
+            for (_, pid, exec_ns, facts) in due {
+                if let Some(capture) = self.capture(pid, exec_ns, None, facts) {
                     self.counters.recaptures.fetch_add(1, Ordering::Relaxed);
                     self.send(capture);
                 }
@@ -270,15 +284,20 @@ impl State {
         };
         let event_time = exec_ns;
         let started = Instant::now();
-        let capture = self.capture(pid, event_time, Some(comm));
+        let capture = self.capture(pid, event_time, Some(comm), None);
         self.counters
             .capture_ns
             .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         match capture {
             Some(capture) => {
+                self.counters.captures.fetch_add(1, Ordering::Relaxed);
                 if capture.maps.as_ref().is_some_and(loader_only) {
-                    self.recapture
-                        .push((Instant::now() + RECAPTURE_AFTER, pid, event_time));
+                    self.recapture.push((
+                        Instant::now() + RECAPTURE_AFTER,
+                        pid,
+                        event_time,
+                        capture.facts.clone(),
+                    ));
                 }
                 self.send(capture);
             }
@@ -295,7 +314,7 @@ impl State {
         // The kernel deleted the PID_FILTER entry.
         self.name_entries.remove(&event.pid);
         self.explicit.remove(&event.pid);
-        self.recapture.retain(|&(_, pid, _)| pid != event.pid);
+        self.recapture.retain(|&(_, pid, ..)| pid != event.pid);
         self.fresh.remove(&event.pid);
         let exit = ProcessEvent::Exit {
             pid: event.pid,
@@ -386,8 +405,15 @@ impl State {
         }
     }
 
-    /// Reads what symbolization needs of `pid`; `None` when it is gone.
-    fn capture(&mut self, pid: u32, exec_ns: u64, comm: Option<String>) -> Option<Capture> {
+    /// Reads what symbolization needs of `pid`, and the metadata facts
+    /// unless `facts` has them already; `None` when it is gone.
+    fn capture(
+        &mut self,
+        pid: u32,
+        exec_ns: u64,
+        comm: Option<String>,
+        facts: Option<Arc<Facts>>,
+    ) -> Option<Capture> {
         let start_ticks = start_time(pid);
         let maps = ProcMaps::read(pid).ok().filter(|m| !m.is_empty())?;
         let name = match comm {
@@ -435,6 +461,18 @@ impl State {
             };
             files.push((*key, file));
         }
+        let facts = match (facts, &mut self.facts) {
+            (Some(facts), _) => Some(facts),
+            (None, Some(reader)) => {
+                let started = Instant::now();
+                let facts = reader.read(pid, &name, executable.as_deref());
+                self.counters
+                    .facts_ns
+                    .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                Some(Arc::new(facts))
+            }
+            (None, None) => None,
+        };
         Some(Capture {
             pid,
             exec_ns,
@@ -443,6 +481,7 @@ impl State {
             executable,
             maps: Some(maps),
             files,
+            facts,
         })
     }
 

@@ -24,6 +24,7 @@ use super::events::{self, EventCounters, EventMaps, EventThread};
 use super::{map_error, BpfError};
 use crate::filter::{FilterHandle, FilterSpec, FilterUpdate};
 use crate::incarnation::ProcessEvent;
+use crate::metadata::ReadOptions;
 use crate::unwind::{self, UnwindMode, UnwindStats, Unwinder};
 
 /// The kernel programs, built by `cargo xtask` and embedded at compile time.
@@ -90,6 +91,10 @@ pub struct SamplerOptions {
     /// alive then before it starts sampling (they keep loading in the
     /// background after that).
     pub unwind_wait: Duration,
+    /// Read each new process image's metadata facts when it is captured
+    /// (at its first sample), so processes gone by the drain are still
+    /// tagged; `None` leaves them to the drain.
+    pub capture_facts: Option<ReadOptions>,
 }
 
 impl Default for SamplerOptions {
@@ -105,6 +110,7 @@ impl Default for SamplerOptions {
             unwind: UnwindMode::default(),
             unwind_memory: unwind::DEFAULT_TABLE_MEMORY,
             unwind_wait: Duration::ZERO,
+            capture_facts: None,
         }
     }
 }
@@ -228,6 +234,7 @@ impl Sampler {
                 cgroups,
             },
             filter,
+            opts.capture_facts,
             events_tx,
             updates_rx,
         )

@@ -93,6 +93,7 @@ fn run(
         unwind: options.unwind,
         unwind_memory: options.unwind_memory,
         filter: options.filter.clone(),
+        capture_facts: Some(options.metadata.read_options()),
         ..SamplerOptions::default()
     });
     let mut sampler = match sampler {

@@ -23,6 +23,14 @@
 //! from the environment, the annotations, then tags. Tags fill in any key
 //! nothing else set.
 //!
+//! The /proc part ([`FactsReader`]) runs where the process is first seen:
+//! for an image exec'd while hearth runs, on the process-event thread at
+//! its first sample ([`crate::incarnation::Capture::facts`]), so a process
+//! gone before the drain keeps its parent, container and service
+//! attributes; for the others, at the drain. The composing part
+//! ([`MetadataResolver::compose`], with the pod lookup) always runs at the
+//! drain.
+//!
 //! A process in a container whose pod is not known (yet: the API is
 //! unreachable, or the watch has not listed the pod), or whose pod is
 //! known but does not list its container id yet (a container starting, a
@@ -113,10 +121,13 @@ pub fn start(
     })
 }
 
-/// What was read of one process, kept so the attributes can be composed
-/// again when its pod shows up.
+/// What is read of a process from /proc besides its name and executable:
+/// the ids, cgroup and environment its attributes are composed from. Kept
+/// so they can be composed again when its pod shows up, and taken while
+/// the process lives (by [`FactsReader`], at its first sample) so a
+/// process that is gone by the drain is still tagged.
 #[derive(Debug, Clone, Default)]
-struct Facts {
+pub struct Facts {
     ppid: Option<u32>,
     build_id: Option<Arc<str>>,
     command_line: Option<Arc<str>>,
@@ -124,6 +135,90 @@ struct Facts {
     env: ServiceEnv,
     /// File name of the executable, else the process name.
     exe_name: Arc<str>,
+}
+
+impl Facts {
+    /// Only what needs no /proc read: for a process already gone.
+    fn named(name: &str, executable: Option<&str>) -> Facts {
+        Facts {
+            exe_name: exe_name(name, executable).into(),
+            ..Facts::default()
+        }
+    }
+}
+
+/// Which of the optional facts are read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReadOptions {
+    /// `/proc/<pid>/cmdline` (off by default: command lines can hold
+    /// secrets).
+    pub command_line: bool,
+}
+
+/// Reads the [`Facts`] of live processes: `/proc/<pid>/stat` (parent),
+/// `/proc/<pid>/cgroup`, `/proc/<pid>/environ`, the ELF notes of
+/// `/proc/<pid>/exe` (cached by device and inode), `/proc/<pid>/cmdline`
+/// when asked. Used by the resolver at drain and by the process-event
+/// thread at each image's first sample.
+#[derive(Debug, Default)]
+pub struct FactsReader {
+    options: ReadOptions,
+    /// Build IDs by (device, inode) of the executable.
+    build_ids: HashMap<(u64, u64), Option<Arc<str>>>,
+}
+
+impl FactsReader {
+    pub fn new(options: ReadOptions) -> FactsReader {
+        FactsReader {
+            options,
+            build_ids: HashMap::new(),
+        }
+    }
+
+    /// Reads what there is of `pid`; what cannot be read (the process
+    /// exited meanwhile) is left out. `name` and `executable` are what
+    /// the caller already read.
+    pub fn read(&mut self, pid: u32, name: &str, executable: Option<&str>) -> Facts {
+        Facts {
+            ppid: parent_pid(pid),
+            build_id: self.build_id(pid),
+            command_line: self
+                .options
+                .command_line
+                .then(|| command_line(pid))
+                .flatten(),
+            cgroup: container::read(pid).unwrap_or_default(),
+            env: service::read_env(pid),
+            exe_name: exe_name(name, executable).into(),
+        }
+    }
+
+    fn build_id(&mut self, pid: u32) -> Option<Arc<str>> {
+        let exe = format!("/proc/{pid}/exe");
+        let stat = std::fs::metadata(&exe).ok()?;
+        let key = (stat.dev(), stat.ino());
+        if let Some(id) = self.build_ids.get(&key) {
+            return id.clone();
+        }
+        let id = blazesym::helper::read_elf_build_id(std::path::Path::new(&exe))
+            .ok()
+            .flatten()
+            .filter(|id| !id.is_empty())
+            .map(|id| Arc::from(hex(&id)));
+        if self.build_ids.len() >= BUILD_ID_CACHE_MAX {
+            self.build_ids.clear();
+        }
+        self.build_ids.insert(key, id.clone());
+        id
+    }
+}
+
+/// The file name of the executable, else the process name.
+fn exe_name<'a>(name: &'a str, executable: Option<&'a str>) -> &'a str {
+    executable
+        .and_then(|e| e.rsplit('/').next())
+        .filter(|n| !n.is_empty())
+        .unwrap_or(name)
 }
 
 /// The metadata of one process, and whether it still waits for its pod.
@@ -144,53 +239,39 @@ pub struct Resolved {
 #[derive(Debug, Default)]
 pub struct MetadataResolver {
     options: MetadataOptions,
-    /// Build IDs by (device, inode) of the executable.
-    build_ids: HashMap<(u64, u64), Option<Arc<str>>>,
+    reader: FactsReader,
+}
+
+impl MetadataOptions {
+    /// What to read of each process.
+    pub fn read_options(&self) -> ReadOptions {
+        ReadOptions {
+            command_line: self.command_line,
+        }
+    }
 }
 
 impl MetadataResolver {
     pub fn new(options: MetadataOptions) -> MetadataResolver {
         MetadataResolver {
+            reader: FactsReader::new(options.read_options()),
             options,
-            build_ids: HashMap::new(),
         }
     }
 
     /// Reads everything about `pid` once. `name` and `executable` are what
     /// the process table already read.
     pub fn resolve(&mut self, pid: u32, name: &str, executable: Option<&str>) -> Resolved {
-        let exe_name = executable
-            .and_then(|e| e.rsplit('/').next())
-            .filter(|n| !n.is_empty())
-            .unwrap_or(name);
-        let facts = Facts {
-            ppid: parent_pid(pid),
-            build_id: self.build_id(pid),
-            command_line: self
-                .options
-                .command_line
-                .then(|| command_line(pid))
-                .flatten(),
-            cgroup: container::read(pid).unwrap_or_default(),
-            env: service::read_env(pid),
-            exe_name: exe_name.into(),
-        };
+        let facts = self.reader.read(pid, name, executable);
         self.compose(Arc::new(facts))
     }
 
     /// What can be known of a process whose /proc entry is gone or now
-    /// belongs to another process (a reused pid): no ids, cgroup or
-    /// environment, never another process's.
+    /// belongs to another process (a reused pid), and whose facts were
+    /// not captured: no ids, cgroup or environment, never another
+    /// process's.
     pub fn resolve_gone(&mut self, name: &str, executable: Option<&str>) -> Resolved {
-        let exe_name = executable
-            .and_then(|e| e.rsplit('/').next())
-            .filter(|n| !n.is_empty())
-            .unwrap_or(name);
-        let facts = Facts {
-            exe_name: exe_name.into(),
-            ..Facts::default()
-        };
-        self.compose(Arc::new(facts))
+        self.compose(Arc::new(Facts::named(name, executable)))
     }
 
     /// Looks the pod of a waiting process up again if the pod index
@@ -208,7 +289,9 @@ impl MetadataResolver {
         changed
     }
 
-    fn compose(&self, facts: Arc<Facts>) -> Resolved {
+    /// The attributes of a process from its facts (read now, or captured
+    /// earlier while it lived), its pod and the tags.
+    pub fn compose(&self, facts: Arc<Facts>) -> Resolved {
         let cgroup = &facts.cgroup;
         let in_pod = cgroup.container_id.is_some() || cgroup.pod_uid.is_some();
         let (pod, waiting_since) = match &self.options.pods {
@@ -235,25 +318,6 @@ impl MetadataResolver {
             waiting_since,
             pod_verdict: pod.map_or(PodVerdict::Neither, |p| p.pod.verdict),
         }
-    }
-
-    fn build_id(&mut self, pid: u32) -> Option<Arc<str>> {
-        let exe = format!("/proc/{pid}/exe");
-        let stat = std::fs::metadata(&exe).ok()?;
-        let key = (stat.dev(), stat.ino());
-        if let Some(id) = self.build_ids.get(&key) {
-            return id.clone();
-        }
-        let id = blazesym::helper::read_elf_build_id(std::path::Path::new(&exe))
-            .ok()
-            .flatten()
-            .filter(|id| !id.is_empty())
-            .map(|id| Arc::from(hex(&id)));
-        if self.build_ids.len() >= BUILD_ID_CACHE_MAX {
-            self.build_ids.clear();
-        }
-        self.build_ids.insert(key, id.clone());
-        id
     }
 }
 
@@ -378,13 +442,14 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::kubernetes::{ContainerInfo, PodInfo};
     use super::*;
 
-    const ID: &str = "3f8a9b2c1d0e4f5a6b7c8d9e0f1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c";
+    pub(crate) const ID: &str = "3f8a9b2c1d0e4f5a6b7c8d9e0f1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c";
 
-    fn facts(env: &[(&str, &str)], service_name: Option<&str>) -> Facts {
+    /// Facts of a process in container [`ID`] of pod `uid-1`.
+    pub(crate) fn facts(env: &[(&str, &str)], service_name: Option<&str>) -> Facts {
         Facts {
             ppid: Some(1),
             exe_name: "app-bin".into(),
@@ -617,6 +682,53 @@ mod tests {
         }));
         assert!(pod_level.waiting_since.is_none());
         assert!(!resolver.refresh(&mut pod_level));
+    }
+
+    /// Waits until `pid`'s exec has set up its environment: a vfork
+    /// parent (`Command::spawn`) resumes before the new image's stack is.
+    pub(crate) fn wait_for_environ(pid: u32) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|e| e.is_empty()) {
+            assert!(std::time::Instant::now() < deadline, "no environment");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn facts_read_while_a_process_lives_outlast_it() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .env("OTEL_SERVICE_NAME", "short")
+            .env("OTEL_RESOURCE_ATTRIBUTES", "service.version=3.2")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        wait_for_environ(pid);
+        let mut reader = FactsReader::new(ReadOptions { command_line: true });
+        let started = std::time::Instant::now();
+        let facts = reader.read(pid, "sleep", Some("/usr/bin/sleep"));
+        eprintln!("facts of a live process read in {:?}", started.elapsed());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(crate::process::start_time(pid).is_none());
+        let resolver = MetadataResolver::default();
+        let m = resolver.compose(Arc::new(facts)).metadata;
+        assert_eq!(m.get_str(SERVICE_NAME), Some("short"));
+        assert_eq!(m.get_str(SERVICE_VERSION), Some("3.2"));
+        assert_eq!(m.get_str(PROCESS_COMMAND_LINE), Some("sleep 30"));
+        assert_eq!(
+            m.get(PROCESS_PARENT_PID),
+            Some(&AttrValue::Int(std::process::id().into()))
+        );
+        // Read now, the process is gone: nothing but the executable.
+        let mut late = MetadataResolver::default();
+        let m = late.resolve(pid, "sleep", Some("/usr/bin/sleep")).metadata;
+        assert_eq!(m.get_str(SERVICE_NAME), Some("sleep"));
+        assert!(m.get(PROCESS_PARENT_PID).is_none());
+        // Without --command-line none is read.
+        let mut plain = FactsReader::new(ReadOptions::default());
+        let me = plain.read(std::process::id(), "me", None);
+        assert!(me.command_line.is_none() && me.ppid.is_some());
     }
 
     #[test]
