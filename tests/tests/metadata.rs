@@ -100,6 +100,19 @@ fn underscored(uid: &str) -> String {
     uid.replace('-', "_")
 }
 
+/// A containerd container's cgroup under the kubelet's systemd driver.
+fn containerd_systemd_path(uid: &str, id: &str) -> String {
+    format!(
+        "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{id}.scope",
+        underscored(uid)
+    )
+}
+
+/// A container's cgroup under the kubelet's cgroupfs driver.
+fn cgroupfs_path(uid: &str, id: &str) -> String {
+    format!("/kubepods/besteffort/pod{uid}/{id}")
+}
+
 /// A cgroup layout: (hierarchy, path, then what it should give: container
 /// id, runtime, pod UID, systemd unit).
 type Layout = (
@@ -324,13 +337,7 @@ fn service_attributes_from_the_environment_reach_otlp() {
 fn short_lived_processes_keep_container_pod_and_service_attributes() {
     let dir = scratch_dir("metadata-short-lived");
     let mut cgroups = Cgroups::new("short-lived");
-    let cg = cgroups.create(
-        "unified",
-        &format!(
-            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{ID_A}.scope",
-            underscored(UID_A)
-        ),
-    );
+    let cg = cgroups.create("unified", &containerd_systemd_path(UID_A, ID_A));
     let node = format!("test-node-{}", std::process::id());
     let api = FakeApi::start(true);
     api.apply(&pod_from_fixture(
@@ -475,21 +482,9 @@ fn kubernetes_attributes_from_a_pod_watch() {
     let exe = build_c_fixture("duty_cycle", FRAME_POINTER_FLAGS, &dir);
     let mut cgroups = Cgroups::new("kubernetes");
     let node = format!("test-node-{}", std::process::id());
-    let cart_cg = cgroups.create(
-        "unified",
-        &format!(
-            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{ID_A}.scope",
-            underscored(UID_A)
-        ),
-    );
-    let agent_cg = cgroups.create(
-        "unified",
-        &format!("/kubepods/besteffort/pod{UID_B}/{ID_B}"),
-    );
-    let late_cg = cgroups.create(
-        "unified",
-        &format!("/kubepods/besteffort/pod{UID_D}/{ID_D}"),
-    );
+    let cart_cg = cgroups.create("unified", &containerd_systemd_path(UID_A, ID_A));
+    let agent_cg = cgroups.create("unified", &cgroupfs_path(UID_B, ID_B));
+    let late_cg = cgroups.create("unified", &cgroupfs_path(UID_D, ID_D));
     let cart_pod = pod_from_fixture(
         "pod-cart.json",
         &node,
@@ -694,17 +689,8 @@ fn namespace_and_pod_selector_filters() {
     let exe = build_c_fixture("cpu_split", FRAME_POINTER_FLAGS, &dir);
     let mut cgroups = Cgroups::new("podfilter");
     let node = format!("filter-node-{}", std::process::id());
-    let cart_cg = cgroups.create(
-        "unified",
-        &format!(
-            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{ID_A}.scope",
-            underscored(UID_A)
-        ),
-    );
-    let agent_cg = cgroups.create(
-        "unified",
-        &format!("/kubepods/besteffort/pod{UID_B}/{ID_B}"),
-    );
+    let cart_cg = cgroups.create("unified", &containerd_systemd_path(UID_A, ID_A));
+    let agent_cg = cgroups.create("unified", &cgroupfs_path(UID_B, ID_B));
     let api = FakeApi::start(true);
     api.apply(&pod_from_fixture(
         "pod-cart.json",
