@@ -321,8 +321,14 @@ pub async fn record(args: &RecordArgs) -> Result<RecordSummary, RecordError> {
     }
     write_outputs(&profile, &args.outputs)?;
     let sym = processor.symbolizer().stats();
+    // Off-CPU and wall-clock profiles weigh in nanoseconds, not samples.
+    let (samples, nanoseconds) = match profile.meta.kind {
+        SampleKind::OnCpu => (profile.total_count(), 0),
+        _ => (0, profile.total_count()),
+    };
     info!(
-        samples = profile.total_count(),
+        samples,
+        nanoseconds,
         stacks = profile.samples.len(),
         symbol_cache_hits = sym.cache_hits,
         symbol_cache_misses = sym.cache_misses,
