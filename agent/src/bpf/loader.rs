@@ -241,7 +241,11 @@ impl Sampler {
         .map_err(BpfError::Thread)?;
         set_active_window(&mut ebpf, 0)?;
 
-        on_cpu_program(&mut ebpf)?.load().map_err(program_error)?;
+        // Off-CPU records never sample on CPU: the program is then loaded
+        // (and verified) only if a frequency is ever set.
+        if opts.frequency_hz > 0 {
+            on_cpu_program(&mut ebpf)?.load().map_err(program_error)?;
+        }
         let mut process_links = Vec::new();
         for (name, tracepoint) in PROCESS_PROGRAMS {
             let program = btf_tracepoint(&mut ebpf, name)?;
@@ -377,6 +381,9 @@ impl Sampler {
         let period_ns = 1_000_000_000 / frequency_hz.max(1);
         let cpus = aya::util::online_cpus().map_err(|(_, e)| BpfError::Cpus(e))?;
         let program = on_cpu_program(&mut self.ebpf)?;
+        if program.fd().is_err() {
+            program.load().map_err(program_error)?;
+        }
         for cpu in cpus {
             let link = program
                 .attach(

@@ -81,11 +81,23 @@ mod tests {
 
     use super::*;
 
+    /// Burns `d` of this thread's CPU time (not wall time: on a loaded
+    /// host the thread gets less than a whole CPU, and samples follow CPU
+    /// time), giving up after 20 times `d` of wall time.
     fn burn(d: Duration) {
-        let end = Instant::now() + d;
+        let cpu_time = || {
+            // SAFETY: a valid clock id and a zeroed timespec to write into.
+            let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+            unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+            Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+        };
+        let end = cpu_time() + d;
+        let give_up = Instant::now() + d * 20;
         let mut x = 1u64;
-        while Instant::now() < end {
-            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        while cpu_time() < end && Instant::now() < give_up {
+            for _ in 0..1000 {
+                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+            }
         }
     }
 
