@@ -5,7 +5,9 @@
 //! A process is scanned when the unwinder starts (if alive then; the
 //! processes that used the most CPU first) and when it shows up in a
 //! drained window, at most every [`RESCAN_AFTER`], so libraries it loads
-//! later are picked up. Processes seen in samples come before the rest of
+//! later are picked up. A rescan that finds the same mappings as the
+//! last one, all of whose files got what they could, stops there: its
+//! files and published entry are still right. Processes seen in samples come before the rest of
 //! the start-up scan. Exited processes (and reused pids) are found every
 //! [`REAP_EVERY`] and their references dropped, which lets their files'
 //! tables be evicted. A reap lists /proc once rather than reading the
@@ -70,6 +72,10 @@ struct Process {
     sampled: Option<Instant>,
     /// Where its mappings are, when they are published.
     published: Option<UnwindProc>,
+    /// A hash of the mappings scanned, and whether every file got its
+    /// table (or needs none): when both hold at a rescan, nothing changes.
+    maps: u64,
+    complete: bool,
 }
 
 /// This machine's vDSO: the same image in every 64-bit process.
@@ -92,6 +98,9 @@ pub struct Worker<S> {
     /// The pid allocation cursor at the previous reap, and when every
     /// start time was last read; `None`: read them all at the next one.
     reaped: Option<(u32, Instant)>,
+    /// Set during a scan when a file got no table for want of room, or a
+    /// write failed.
+    incomplete: bool,
     stop: Arc<AtomicBool>,
 }
 
@@ -116,6 +125,7 @@ impl<S: TableSink> Worker<S> {
             mapping_space: Extents::new(mapping_capacity),
             retired: Vec::new(),
             reaped: None,
+            incomplete: false,
             stop,
         }
     }
@@ -244,9 +254,21 @@ impl<S: TableSink> Worker<S> {
             self.forget(pid);
             return;
         };
+        let fingerprint = fingerprint(&maps);
+        if let Some(p) = self.processes.get_mut(&pid) {
+            if p.start_time == start_time && p.maps == fingerprint && p.complete {
+                let now = Instant::now();
+                p.scanned = now;
+                if sampled {
+                    p.sampled = Some(now);
+                }
+                return;
+            }
+        }
         self.counters
             .processes_scanned
             .fetch_add(1, Ordering::Relaxed);
+        self.incomplete = false;
         let mut files = Vec::new();
         let mut mappings: Vec<UnwindMapping> = Vec::new();
         for entry in maps.entries() {
@@ -308,6 +330,10 @@ impl<S: TableSink> Worker<S> {
             }
             _ => {}
         }
+        // A file without room, or a failed write, is tried again at the
+        // next rescan.
+        let complete = !self.incomplete
+            && (published.is_some() || !mappings.iter().any(|m| m.kind == UNWIND_MAPPING_TABLE));
         let now = Instant::now();
         let last_sampled = match self.processes.get(&pid) {
             Some(p) if p.start_time == start_time => p.sampled,
@@ -321,6 +347,8 @@ impl<S: TableSink> Worker<S> {
                 scanned: now,
                 sampled: if sampled { Some(now) } else { last_sampled },
                 published,
+                maps: fingerprint,
+                complete,
             },
         );
         // Released after the new references were taken, so a file both
@@ -402,9 +430,13 @@ impl<S: TableSink> Worker<S> {
                 Ok(file_use) => file_use,
                 Err(_) => {
                     self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
+                    self.incomplete = true;
                     return None;
                 }
             };
+            if file_use == FileUse::NoRoom {
+                self.incomplete = true;
+            }
             if file_use != FileUse::NoRoom || !sampled {
                 return Some(file_use);
             }
@@ -575,6 +607,22 @@ fn cpu_ticks(pid: u32) -> u64 {
     next() + next()
 }
 
+/// A hash of what a scan uses of `maps`: where each mapping is and what
+/// backs it (a file by device and inode).
+fn fingerprint(maps: &ProcMaps) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for e in maps.entries() {
+        (e.start, e.end, e.offset).hash(&mut h);
+        match &e.backing {
+            Backing::File { key, deleted, .. } => (0u8, key.dev, key.inode, *deleted).hash(&mut h),
+            Backing::Vdso => 1u8.hash(&mut h),
+            Backing::Anonymous => 2u8.hash(&mut h),
+        }
+    }
+    h.finish()
+}
+
 /// Every process id in /proc.
 pub fn all_pids() -> Vec<u32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
@@ -685,6 +733,16 @@ mod tests {
         w.scan(me, true);
         assert_eq!(w.counters.snapshot().files_built, stats.files_built);
         assert_eq!(w.counters.snapshot().processes_loaded, 1);
+        // Unless a library was loaded meanwhile, a rescan stops at the
+        // unchanged mappings; a changed process is scanned through.
+        let scans = w.counters.snapshot().processes_scanned;
+        assert!(w.processes[&me].complete);
+        w.scan(me, true);
+        assert!(w.counters.snapshot().processes_scanned <= scans + 1);
+        w.processes.get_mut(&me).unwrap().maps ^= 1;
+        w.scan(me, true);
+        assert!(w.counters.snapshot().processes_scanned > scans);
+        assert_eq!(w.counters.snapshot().processes_loaded, 1);
     }
 
     #[test]
@@ -750,6 +808,8 @@ mod tests {
                 scanned: Instant::now(),
                 sampled: None,
                 published: None,
+                maps: 0,
+                complete: false,
             },
         );
         w.reaped = Some((last_pid().unwrap(), Instant::now()));
