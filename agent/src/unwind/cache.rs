@@ -79,7 +79,11 @@ struct Entry {
 }
 
 /// Entries kept for files nobody maps before the bookkeeping of those
-/// without rows (a few bytes each) is dropped too.
+/// without rows (a few bytes each) is pruned, least recently used first,
+/// down to half: a pruned file is built again when mapped again (a table
+/// that did not fit only to find it still does not), so only the oldest
+/// go, and pruning every entry at each release past the limit would make
+/// every release a pass over all of them.
 const MAX_IDLE_ENTRIES: usize = 16 * 1024;
 
 /// Free extents of an array map, first fit, coalescing.
@@ -148,6 +152,8 @@ pub struct TableCache<S> {
     free_pages: Extents,
     free_slots: Vec<u32>,
     entries: HashMap<FileKey, Entry>,
+    /// Entries past which idle ones are pruned.
+    prune_above: usize,
     tick: u64,
     counters: Arc<Counters>,
 }
@@ -176,6 +182,7 @@ impl<S: TableSink> TableCache<S> {
             // Popped from the back: lowest slot first.
             free_slots: (0..slots).rev().collect(),
             entries: HashMap::new(),
+            prune_above: MAX_IDLE_ENTRIES,
             tick: 0,
             counters,
         }
@@ -225,10 +232,29 @@ impl<S: TableSink> TableCache<S> {
         if let Some(entry) = self.entries.get_mut(key) {
             entry.users = entry.users.saturating_sub(1);
         }
-        if self.entries.len() > MAX_IDLE_ENTRIES {
-            self.entries
-                .retain(|_, e| e.users > 0 || matches!(e.state, State::Loaded { .. }));
+        if self.entries.len() > self.prune_above {
+            self.prune(MAX_IDLE_ENTRIES / 2);
         }
+    }
+
+    /// Drops the least recently used entries nobody maps and without rows
+    /// until `keep` are left (or none of those are).
+    fn prune(&mut self, keep: usize) {
+        let idle = |e: &Entry| e.users == 0 && !matches!(e.state, State::Loaded { .. });
+        let mut ages: Vec<u64> = self
+            .entries
+            .values()
+            .filter(|e| idle(e))
+            .map(|e| e.last_used)
+            .collect();
+        let excess = self.entries.len().saturating_sub(keep).min(ages.len());
+        if excess > 0 {
+            let (_, &mut cutoff, _) = ages.select_nth_unstable(excess - 1);
+            self.entries
+                .retain(|_, e| !(idle(e) && e.last_used <= cutoff));
+        }
+        // Entries that cannot be pruned do not make every release try.
+        self.prune_above = MAX_IDLE_ENTRIES.max(2 * self.entries.len());
     }
 
     fn build_and_load(
@@ -609,6 +635,37 @@ pub(super) mod tests {
         assert_eq!(none, FileUse::FramePointers);
         cache.acquire(&key(1), || panic!("retried")).unwrap();
         assert_eq!(counters.files_without_table.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn idle_entries_are_pruned_oldest_first() {
+        let (mut cache, counters) = cache(UnwindMode::Dwarf, 1000);
+        let loaded = cache.acquire(&key(0), || Ok(table(10, 1, false))).unwrap();
+        assert!(matches!(loaded, FileUse::Table { .. }));
+        cache.release(&key(0));
+        for n in 1..=10 {
+            cache
+                .acquire(&key(n), || Err(TableError::NoUnwindInfo))
+                .unwrap();
+            cache.release(&key(n));
+        }
+        // One still mapped.
+        cache
+            .acquire(&key(11), || Err(TableError::NoUnwindInfo))
+            .unwrap();
+        cache.prune(5);
+        // The loaded table and the mapped file stay; of the idle ones, the
+        // most recently used.
+        assert!(cache.entries.contains_key(&key(0)));
+        assert!(cache.entries.contains_key(&key(11)));
+        assert_eq!(cache.entries.len(), 5);
+        for n in 8..=10 {
+            assert!(cache.entries.contains_key(&key(n)), "{n}");
+        }
+        assert_eq!(cache.prune_above, MAX_IDLE_ENTRIES);
+        // A kept one is not built again.
+        cache.acquire(&key(10), || panic!("rebuilt")).unwrap();
+        assert_eq!(counters.files_without_table.load(Ordering::Relaxed), 11);
     }
 
     #[test]

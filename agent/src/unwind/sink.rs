@@ -3,9 +3,12 @@
 //! 100 000 rows is a copy, not 100 000 syscalls), the file slots and the
 //! per-process entries.
 //!
-//! The arrays are mapped only while being written: pages of a mapping we
-//! kept would count in the agent's resident memory although they are the
-//! kernel's map memory (already counted as such).
+//! Only the pages a write covers are mapped, and only while it is
+//! written: the kernel maps every page of a BPF array mapping at once, so
+//! mapping a whole array (16 MiB of rows) for each write cost a page-table
+//! entry per page both ways, and pages of a mapping we kept would count in
+//! the agent's resident memory although they are the kernel's map memory
+//! (already counted as such).
 
 use std::os::fd::{AsFd, AsRawFd};
 
@@ -104,11 +107,10 @@ impl TableSink for BpfSink {
     }
 }
 
-/// An array map created with `BPF_F_MMAPABLE`, mapped into our memory for
-/// each write.
+/// An array map created with `BPF_F_MMAPABLE`, the pages of each write
+/// mapped into our memory for that write.
 struct Mapped<T> {
     len: u32,
-    bytes: usize,
     name: &'static str,
     map: MapData,
     _rows: std::marker::PhantomData<T>,
@@ -127,10 +129,8 @@ impl<T: Copy> Mapped<T> {
         if info.value_size() as usize != row || !row.is_multiple_of(8) {
             return Err(UnwindError::Missing(name));
         }
-        let bytes = (len as usize * row).next_multiple_of(page_size());
         Ok(Mapped {
             len,
-            bytes,
             name,
             map: data,
             _rows: std::marker::PhantomData,
@@ -148,16 +148,22 @@ impl<T: Copy> Mapped<T> {
                 )),
             });
         }
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let (offset, bytes, skip) =
+            window(start, rows.len(), std::mem::size_of::<T>(), page_size());
         // SAFETY: mapping a BPF array map fd shared and writable is how the
-        // kernel exposes BPF_F_MMAPABLE arrays; the length is the array's.
+        // kernel exposes BPF_F_MMAPABLE arrays; the window is page-aligned
+        // and inside the array (checked above).
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                self.bytes,
+                bytes,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 self.map.fd().as_fd().as_raw_fd(),
-                0,
+                offset as libc::off_t,
             )
         };
         if ptr == libc::MAP_FAILED {
@@ -166,18 +172,33 @@ impl<T: Copy> Mapped<T> {
                 source: std::io::Error::last_os_error(),
             });
         }
-        // SAFETY: in bounds (checked above) of the mapping just made; the
-        // entries are plain data. Unmapped right after.
+        // SAFETY: the entries lie `skip` bytes into the mapping just made,
+        // which covers them (see `window`); they are plain data, copied as
+        // bytes. Unmapped right after.
         unsafe {
             std::ptr::copy_nonoverlapping(
-                rows.as_ptr(),
-                ptr.cast::<T>().add(start as usize),
-                rows.len(),
+                rows.as_ptr().cast::<u8>(),
+                ptr.cast::<u8>().add(skip),
+                std::mem::size_of_val(rows),
             );
-            libc::munmap(ptr, self.bytes);
+            libc::munmap(ptr, bytes);
         }
         Ok(())
     }
+}
+
+/// The page-aligned part of an array that holds `count` entries of `size`
+/// bytes from entry `start`: (file offset, length, offset of the first
+/// entry in it).
+fn window(start: u32, count: usize, size: usize, page: usize) -> (usize, usize, usize) {
+    let first = start as usize * size;
+    let end = first + count * size;
+    let offset = first - first % page;
+    (
+        offset,
+        (end - offset).next_multiple_of(page),
+        first - offset,
+    )
 }
 
 fn map_error(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> UnwindError {
@@ -188,4 +209,21 @@ fn page_size() -> usize {
     // SAFETY: sysconf has no preconditions.
     let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     usize::try_from(size).unwrap_or(4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::window;
+
+    #[test]
+    fn a_write_maps_only_the_pages_it_covers() {
+        // Entries 0..3 of 8 bytes: the first page.
+        assert_eq!(window(0, 3, 8, 4096), (0, 4096, 0));
+        // Entry 512 starts the second page.
+        assert_eq!(window(512, 1, 8, 4096), (4096, 4096, 0));
+        // Straddling a page boundary takes both pages.
+        assert_eq!(window(510, 4, 8, 4096), (0, 8192, 4080));
+        // 32-byte entries: entry 130 is 64 bytes into the second page.
+        assert_eq!(window(130, 200, 32, 4096), (4096, 8192, 64));
+    }
 }

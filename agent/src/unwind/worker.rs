@@ -5,10 +5,17 @@
 //! A process is scanned when the unwinder starts (if alive then; the
 //! processes that used the most CPU first) and when it shows up in a
 //! drained window, at most every [`RESCAN_AFTER`], so libraries it loads
-//! later are picked up. Processes seen in samples come before the rest of
+//! later are picked up. A rescan that finds the same mappings as the
+//! last one, all of whose files got what they could, stops there: its
+//! files and published entry are still right. Processes seen in samples come before the rest of
 //! the start-up scan. Exited processes (and reused pids) are found every
 //! [`REAP_EVERY`] and their references dropped, which lets their files'
-//! tables be evicted.
+//! tables be evicted. A reap lists /proc once rather than reading the
+//! start time of every tracked process (10 µs each): a pid missing from
+//! the list is gone, and only pids the kernel may have handed out again
+//! since the previous reap (those the allocation cursor, the last field of
+//! `/proc/loadavg`, went past) have their start times read, all of them
+//! every [`FULL_REAP_EVERY`] in case the cursor went round entirely.
 //!
 //! When a sampled process's table does not fit under the cap even after
 //! evicting the tables no process maps, processes not sampled for
@@ -16,7 +23,7 @@
 //! up, least recently sampled first; they are scanned again if they show up
 //! in a window.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
@@ -38,6 +45,8 @@ use crate::symbolize::maps::{Backing, MapEntry, ProcMaps};
 pub const RESCAN_AFTER: Duration = Duration::from_secs(10);
 /// How often exited processes are looked for.
 pub const REAP_EVERY: Duration = Duration::from_secs(2);
+/// How often every tracked process's start time is read at a reap.
+pub const FULL_REAP_EVERY: Duration = Duration::from_secs(30);
 /// A process not sampled for this long may give up its tables to one that
 /// is.
 pub const IDLE_AFTER: Duration = Duration::from_secs(30);
@@ -63,6 +72,10 @@ struct Process {
     sampled: Option<Instant>,
     /// Where its mappings are, when they are published.
     published: Option<UnwindProc>,
+    /// A hash of the mappings scanned, and whether every file got its
+    /// table (or needs none): when both hold at a rescan, nothing changes.
+    maps: u64,
+    complete: bool,
 }
 
 /// This machine's vDSO: the same image in every 64-bit process.
@@ -82,6 +95,12 @@ pub struct Worker<S> {
     /// Mapping extents given up since the last reap: a walk may still be
     /// reading one, so they are reused only after that.
     retired: Vec<UnwindProc>,
+    /// The pid allocation cursor at the previous reap, and when every
+    /// start time was last read; `None`: read them all at the next one.
+    reaped: Option<(u32, Instant)>,
+    /// Set during a scan when a file got no table for want of room, or a
+    /// write failed.
+    incomplete: bool,
     stop: Arc<AtomicBool>,
 }
 
@@ -105,6 +124,8 @@ impl<S: TableSink> Worker<S> {
             vdso,
             mapping_space: Extents::new(mapping_capacity),
             retired: Vec::new(),
+            reaped: None,
+            incomplete: false,
             stop,
         }
     }
@@ -173,15 +194,39 @@ impl<S: TableSink> Worker<S> {
 
     /// Drops processes that exited (or whose pid now names another).
     pub fn reap(&mut self) {
+        // The cursor before the list: a pid handed out again after the
+        // list was read is past this cursor, so checked at the next reap.
+        let cursor = last_pid();
+        let live = live_pids();
+        let full = match (self.reaped, cursor) {
+            (Some((_, full_at)), Some(_)) => full_at.elapsed() >= FULL_REAP_EVERY,
+            _ => true,
+        };
+        let since = self.reaped.map(|(c, _)| c);
         let gone: Vec<u32> = self
             .processes
             .iter()
-            .filter(|(&pid, p)| start_time(pid) != Some(p.start_time))
+            .filter(|(&pid, p)| {
+                if live.as_ref().is_some_and(|l| !l.contains(&pid)) {
+                    return true;
+                }
+                let maybe_reused = full
+                    || live.is_none()
+                    || matches!((since, cursor), (Some(s), Some(c)) if handed_out(pid, s, c));
+                maybe_reused && start_time(pid) != Some(p.start_time)
+            })
             .map(|(&pid, _)| pid)
             .collect();
         for pid in gone {
             self.forget(pid);
         }
+        self.reaped = cursor.map(|c| {
+            let full_at = match self.reaped {
+                Some((_, at)) if !full => at,
+                _ => Instant::now(),
+            };
+            (c, full_at)
+        });
         for extent in std::mem::take(&mut self.retired) {
             self.mapping_space.free(extent.start, extent.len);
         }
@@ -209,9 +254,21 @@ impl<S: TableSink> Worker<S> {
             self.forget(pid);
             return;
         };
+        let fingerprint = fingerprint(&maps);
+        if let Some(p) = self.processes.get_mut(&pid) {
+            if p.start_time == start_time && p.maps == fingerprint && p.complete {
+                let now = Instant::now();
+                p.scanned = now;
+                if sampled {
+                    p.sampled = Some(now);
+                }
+                return;
+            }
+        }
         self.counters
             .processes_scanned
             .fetch_add(1, Ordering::Relaxed);
+        self.incomplete = false;
         let mut files = Vec::new();
         let mut mappings: Vec<UnwindMapping> = Vec::new();
         for entry in maps.entries() {
@@ -273,6 +330,10 @@ impl<S: TableSink> Worker<S> {
             }
             _ => {}
         }
+        // A file without room, or a failed write, is tried again at the
+        // next rescan.
+        let complete = !self.incomplete
+            && (published.is_some() || !mappings.iter().any(|m| m.kind == UNWIND_MAPPING_TABLE));
         let now = Instant::now();
         let last_sampled = match self.processes.get(&pid) {
             Some(p) if p.start_time == start_time => p.sampled,
@@ -286,6 +347,8 @@ impl<S: TableSink> Worker<S> {
                 scanned: now,
                 sampled: if sampled { Some(now) } else { last_sampled },
                 published,
+                maps: fingerprint,
+                complete,
             },
         );
         // Released after the new references were taken, so a file both
@@ -367,9 +430,13 @@ impl<S: TableSink> Worker<S> {
                 Ok(file_use) => file_use,
                 Err(_) => {
                     self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
+                    self.incomplete = true;
                     return None;
                 }
             };
+            if file_use == FileUse::NoRoom {
+                self.incomplete = true;
+            }
             if file_use != FileUse::NoRoom || !sampled {
                 return Some(file_use);
             }
@@ -540,6 +607,22 @@ fn cpu_ticks(pid: u32) -> u64 {
     next() + next()
 }
 
+/// A hash of what a scan uses of `maps`: where each mapping is and what
+/// backs it (a file by device and inode).
+fn fingerprint(maps: &ProcMaps) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for e in maps.entries() {
+        (e.start, e.end, e.offset).hash(&mut h);
+        match &e.backing {
+            Backing::File { key, deleted, .. } => (0u8, key.dev, key.inode, *deleted).hash(&mut h),
+            Backing::Vdso => 1u8.hash(&mut h),
+            Backing::Anonymous => 2u8.hash(&mut h),
+        }
+    }
+    h.finish()
+}
+
 /// Every process id in /proc.
 pub fn all_pids() -> Vec<u32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
@@ -548,6 +631,39 @@ pub fn all_pids() -> Vec<u32> {
     dir.flatten()
         .filter_map(|e| e.file_name().to_str()?.parse().ok())
         .collect()
+}
+
+/// The process ids in /proc now; `None` when it cannot be listed.
+fn live_pids() -> Option<HashSet<u32>> {
+    let dir = std::fs::read_dir("/proc").ok()?;
+    Some(
+        dir.flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect(),
+    )
+}
+
+/// The pid the kernel handed out last (in our pid namespace), from the
+/// last field of `/proc/loadavg`: "0.12 0.70 1.76 1/118 17407".
+fn last_pid() -> Option<u32> {
+    parse_last_pid(&std::fs::read_to_string("/proc/loadavg").ok()?)
+}
+
+fn parse_last_pid(loadavg: &str) -> Option<u32> {
+    loadavg.split_whitespace().nth(4)?.parse().ok()
+}
+
+/// True when `pid` may have been handed out while the allocation cursor
+/// moved from `from` to `to`: pids are allocated upwards from the cursor,
+/// wrapping round at `pid_max`, so those handed out lie in `from+1..=to`,
+/// or above `from` and up to `to` across the wrap. (A cursor that went
+/// round entirely is not seen here: [`FULL_REAP_EVERY`] covers it.)
+fn handed_out(pid: u32, from: u32, to: u32) -> bool {
+    if from <= to {
+        from < pid && pid <= to
+    } else {
+        pid > from || pid <= to
+    }
 }
 
 /// A copy of this process's vDSO image.
@@ -617,6 +733,16 @@ mod tests {
         w.scan(me, true);
         assert_eq!(w.counters.snapshot().files_built, stats.files_built);
         assert_eq!(w.counters.snapshot().processes_loaded, 1);
+        // Unless a library was loaded meanwhile, a rescan stops at the
+        // unchanged mappings; a changed process is scanned through.
+        let scans = w.counters.snapshot().processes_scanned;
+        assert!(w.processes[&me].complete);
+        w.scan(me, true);
+        assert!(w.counters.snapshot().processes_scanned <= scans + 1);
+        w.processes.get_mut(&me).unwrap().maps ^= 1;
+        w.scan(me, true);
+        assert!(w.counters.snapshot().processes_scanned > scans);
+        assert_eq!(w.counters.snapshot().processes_loaded, 1);
     }
 
     #[test]
@@ -644,6 +770,70 @@ mod tests {
         assert!(!w.cache.sink_mut().processes.contains_key(&pid));
         assert_eq!(w.counters.snapshot().processes_loaded, 0);
         assert!(w.processes.is_empty());
+    }
+
+    #[test]
+    fn pids_past_the_allocation_cursor_are_checked() {
+        assert!(handed_out(105, 100, 110));
+        assert!(handed_out(110, 100, 110));
+        assert!(!handed_out(100, 100, 110));
+        assert!(!handed_out(50, 100, 110));
+        assert!(!handed_out(105, 100, 100));
+        // Across the wrap at pid_max.
+        assert!(handed_out(32_000, 31_000, 400));
+        assert!(handed_out(350, 31_000, 400));
+        assert!(!handed_out(500, 31_000, 400));
+        assert_eq!(parse_last_pid("0.12 0.70 1.76 1/118 17407\n"), Some(17407));
+        assert_eq!(parse_last_pid("garbage"), None);
+        assert!(last_pid().is_some_and(|p| p > 0));
+    }
+
+    #[test]
+    fn a_reap_after_the_first_finds_exits_from_the_pid_list() {
+        let mut w = worker(UnwindMode::Dwarf);
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        // Tracked under a start time it does not have: only a full reap
+        // (the first) reads it and drops it.
+        let me = std::process::id();
+        w.observe(me, true);
+        w.processes.insert(
+            pid,
+            Process {
+                start_time: 1,
+                files: Vec::new(),
+                scanned: Instant::now(),
+                sampled: None,
+                published: None,
+                maps: 0,
+                complete: false,
+            },
+        );
+        w.reaped = Some((last_pid().unwrap(), Instant::now()));
+        w.reap();
+        assert!(w.processes.contains_key(&pid), "not read: not handed out");
+        w.reaped = None;
+        w.reap();
+        assert!(!w.processes.contains_key(&pid), "read at a full reap");
+        // An exit is found from the list alone.
+        let mut other = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let other_pid = other.id();
+        w.observe(other_pid, false);
+        assert!(w.processes.contains_key(&other_pid));
+        assert!(w.reaped.is_some());
+        other.kill().unwrap();
+        other.wait().unwrap();
+        w.reap();
+        assert!(!w.processes.contains_key(&other_pid));
+        assert!(w.processes.contains_key(&me));
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 
     #[test]
