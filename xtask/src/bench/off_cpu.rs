@@ -48,7 +48,7 @@ use crate::util::{run, workspace_root};
 
 /// Length of one ping_pong run.
 const ROUND: Duration = Duration::from_secs(8);
-const ROUNDS: usize = 4;
+const ROUNDS: usize = 6;
 /// cpu_split processes keeping the CPUs busy (one per CPU here).
 const BUSY_PROCESSES: usize = 2;
 /// How long the agent runs, once attached, before ping_pong starts, so its
