@@ -7,6 +7,13 @@
 //! so the many short-lived processes of a busy host that are never sampled
 //! (a shell loop of `ls` runs hundreds a second) cost no /proc reads: reading
 //! every exec's maps took 2.5% of a core at 19 Hz in the daemon benchmark.
+//! The kernel reports the first sample of a process that forked without
+//! exec'ing too (prefork workers, subshells, multiprocessing): with no exec
+//! remembered for it, it is captured as an [`Image::Forked`] image that
+//! began at that sample. The processes running at start are marked
+//! reported in the kernel's `REPORTED_PROCS` (they are read from /proc at
+//! drain); a process reported again (its entry evicted from that LRU map)
+//! whose capture is still current is not captured twice.
 //! A capture is `/proc/<pid>/stat` (start time), `/proc/<pid>/exe`,
 //! `/proc/<pid>/maps`, and an open handle to each mapped file not already
 //! held (through `/proc/<pid>/map_files`, else the process's root), shared
@@ -42,7 +49,7 @@ use hearth_ebpf::{
 use tracing::{debug, warn};
 
 use crate::filter::{FilterSpec, FilterUpdate, NameVerdict};
-use crate::incarnation::{Capture, ProcessEvent};
+use crate::incarnation::{Capture, Image, ProcessEvent};
 use crate::metadata::{Facts, FactsReader, ReadOptions};
 use crate::process::start_time;
 use crate::symbolize::maps::{Backing, FileKey, ProcMaps};
@@ -74,8 +81,17 @@ const POLL_NAME_RULES: Duration = Duration::from_millis(5);
 pub struct EventCounters {
     pub execs: AtomicU64,
     pub exits: AtomicU64,
-    /// Execs whose process was gone before its mappings could be read.
+    /// Images gone (or exited, as a later event of the same read says)
+    /// before their mappings could be read.
     pub captures_too_late: AtomicU64,
+    /// Images not captured because the process exec'd again before it
+    /// could be read (/proc shows the later image).
+    pub captures_superseded: AtomicU64,
+    /// First samples reported again of a process whose capture is still
+    /// current (its entry evicted from the kernel's LRU map): skipped.
+    pub captures_repeated: AtomicU64,
+    /// Of the captures, those of processes not seen exec'ing (forked).
+    pub forks_captured: AtomicU64,
     /// Captures dropped because the drain did not take them in time.
     pub captures_dropped: AtomicU64,
     /// Second captures taken once the libraries were mapped.
@@ -93,6 +109,8 @@ pub struct EventMaps {
     pub ring: RingBuf<MapData>,
     pub pids: Option<BpfHashMap<MapData, u32, u8>>,
     pub cgroups: Option<BpfHashMap<MapData, u64, u8>>,
+    /// `REPORTED_PROCS`: the processes running at start are added.
+    pub reported: BpfHashMap<MapData, u32, u8>,
 }
 
 pub struct EventThread {
@@ -123,10 +141,12 @@ impl EventThread {
             facts: facts.map(FactsReader::new),
             recapture: Vec::new(),
             fresh: HashMap::new(),
+            captured: HashMap::new(),
             name_entries: HashMap::new(),
             explicit: HashMap::new(),
         };
         state.initial_filter();
+        state.mark_running();
         let stop_flag = stop.clone();
         let handle = std::thread::Builder::new()
             .name("hearth-procs".into())
@@ -158,10 +178,13 @@ struct State {
     files: HashMap<FileKey, Arc<File>>,
     /// Reads the metadata facts of captured processes, if asked to.
     facts: Option<FactsReader>,
-    /// (due, pid, exec_ns, facts of the first capture) of second captures.
-    recapture: Vec<(Instant, u32, u64, Option<Arc<Facts>>)>,
+    /// (due, pid, image, facts of the first capture) of second captures.
+    recapture: Vec<(Instant, u32, Image, Option<Arc<Facts>>)>,
     /// Execs not sampled yet: pid → (exec time, name after the exec).
     fresh: HashMap<u32, (u64, String)>,
+    /// Processes captured since their last exec: pid → start time, to
+    /// tell a report repeated for the same process from a new one.
+    captured: HashMap<u32, Option<u64>>,
     /// `PID_FILTER` bits set from name rules, by pid.
     name_entries: HashMap<u32, u8>,
     /// Pid rules: pid → (bits, start time of the process it named).
@@ -185,13 +208,7 @@ impl State {
             self.write_pid(pid, bits);
         }
         if self.spec.has_names() {
-            let pids: Vec<u32> = std::fs::read_dir("/proc")
-                .into_iter()
-                .flatten()
-                .flatten()
-                .filter_map(|e| e.file_name().to_str()?.parse().ok())
-                .collect();
-            for pid in pids {
+            for pid in running_pids() {
                 let name = std::fs::read_to_string(format!("/proc/{pid}/comm"))
                     .map(|s| s.trim_end().to_string())
                     .unwrap_or_default();
@@ -224,11 +241,11 @@ impl State {
                     raw.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<RawEvent>()) });
                 }
             }
-            for event in raw {
+            for (i, event) in raw.iter().enumerate() {
                 match event.kind {
-                    PROCESS_EVENT_EXEC => self.exec(&event),
-                    PROCESS_EVENT_SAMPLED => self.sampled(event.pid),
-                    PROCESS_EVENT_EXIT => self.exit(&event),
+                    PROCESS_EVENT_EXEC => self.exec(event),
+                    PROCESS_EVENT_SAMPLED => self.sampled(event, &raw[i + 1..]),
+                    PROCESS_EVENT_EXIT => self.exit(event),
                     _ => {}
                 }
             }
@@ -240,8 +257,8 @@ impl State {
                 .into_iter()
                 .partition(|(when, ..)| *when <= now);
             self.recapture = later;
-            for (_, pid, exec_ns, facts) in due {
-                if let Some(capture) = self.capture(pid, exec_ns, None, facts) {
+            for (_, pid, image, facts) in due {
+                if let Some(capture) = self.capture(pid, image, None, facts) {
                     self.counters.recaptures.fetch_add(1, Ordering::Relaxed);
                     self.send(capture);
                 }
@@ -265,6 +282,7 @@ impl State {
                 );
             }
         }
+        self.captured.remove(&pid);
         let verdict = self.apply_names(pid, &comm);
         if verdict == NameVerdict::Exclude {
             return;
@@ -276,26 +294,70 @@ impl State {
         self.fresh.insert(pid, (event.time_ns, comm));
     }
 
-    /// The first on-CPU sample of an image since its exec: capture it now,
-    /// while it runs.
-    fn sampled(&mut self, pid: u32) {
-        let Some((exec_ns, comm)) = self.fresh.remove(&pid) else {
-            return;
+    /// The first on-CPU sample of an image since its exec, or since the
+    /// process forked: capture it now, while it runs. `later`: the events
+    /// read after it.
+    fn sampled(&mut self, event: &RawEvent, later: &[RawEvent]) {
+        let pid = event.pid;
+        let exec = self.fresh.remove(&pid);
+        // Already gone, or running another image: /proc no longer shows
+        // this one.
+        match later
+            .iter()
+            .find(|e| e.pid == pid && e.kind != PROCESS_EVENT_SAMPLED)
+            .map(|e| e.kind)
+        {
+            Some(PROCESS_EVENT_EXEC) => {
+                self.counters
+                    .captures_superseded
+                    .fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Some(PROCESS_EVENT_EXIT) => {
+                self.counters
+                    .captures_too_late
+                    .fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            _ => {}
+        }
+        let (image, comm) = match exec {
+            Some((exec_ns, comm)) => (Image::Exec(exec_ns), Some(comm)),
+            None => {
+                // Not seen exec'ing: it forked (or its exec event was lost,
+                // or the kernel's LRU map forgot it was reported).
+                if let Some(&ticks) = self.captured.get(&pid) {
+                    if ticks.is_some() && start_time(pid) == ticks {
+                        self.counters
+                            .captures_repeated
+                            .fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                }
+                (Image::Forked(event.time_ns), None)
+            }
         };
-        let event_time = exec_ns;
         let started = Instant::now();
-        let capture = self.capture(pid, event_time, Some(comm), None);
+        let capture = self.capture(pid, image, comm, None);
         self.counters
             .capture_ns
             .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         match capture {
             Some(capture) => {
                 self.counters.captures.fetch_add(1, Ordering::Relaxed);
+                if matches!(image, Image::Forked(_)) {
+                    self.counters.forks_captured.fetch_add(1, Ordering::Relaxed);
+                }
+                if self.captured.len() >= MAX_FRESH {
+                    // Exits missed (a full ring): start over rather than grow.
+                    self.captured.clear();
+                }
+                self.captured.insert(pid, capture.start_ticks);
                 if capture.maps.as_ref().is_some_and(loader_only) {
                     self.recapture.push((
                         Instant::now() + RECAPTURE_AFTER,
                         pid,
-                        event_time,
+                        image,
                         capture.facts.clone(),
                     ));
                 }
@@ -316,6 +378,7 @@ impl State {
         self.explicit.remove(&event.pid);
         self.recapture.retain(|&(_, pid, ..)| pid != event.pid);
         self.fresh.remove(&event.pid);
+        self.captured.remove(&event.pid);
         let exit = ProcessEvent::Exit {
             pid: event.pid,
             time_ns: event.time_ns,
@@ -328,8 +391,9 @@ impl State {
     }
 
     fn send(&self, capture: Capture) {
-        if let Err(TrySendError::Full(_)) =
-            self.events.try_send(ProcessEvent::Exec(Arc::new(capture)))
+        if let Err(TrySendError::Full(_)) = self
+            .events
+            .try_send(ProcessEvent::Captured(Arc::new(capture)))
         {
             self.counters
                 .captures_dropped
@@ -406,11 +470,12 @@ impl State {
     }
 
     /// Reads what symbolization needs of `pid`, and the metadata facts
-    /// unless `facts` has them already; `None` when it is gone.
+    /// unless `facts` has them already; `None` when it is gone. `comm`:
+    /// the name, if known (else read from /proc).
     fn capture(
         &mut self,
         pid: u32,
-        exec_ns: u64,
+        image: Image,
         comm: Option<String>,
         facts: Option<Arc<Facts>>,
     ) -> Option<Capture> {
@@ -475,7 +540,7 @@ impl State {
         };
         Some(Capture {
             pid,
-            exec_ns,
+            image,
             start_ticks,
             name,
             executable,
@@ -483,6 +548,23 @@ impl State {
             files,
             facts,
         })
+    }
+
+    /// Marks the processes running now as reported in the kernel: they
+    /// are read from /proc at drain, not captured at their first sample.
+    fn mark_running(&mut self) {
+        let started = Instant::now();
+        let mut marked = 0usize;
+        for pid in running_pids() {
+            match self.maps.reported.insert(pid, 1, 0) {
+                Ok(()) => marked += 1,
+                Err(error) => {
+                    debug!(pid, %error, "cannot mark a running process reported");
+                    break;
+                }
+            }
+        }
+        debug!(marked, took = ?started.elapsed(), "running processes marked reported");
     }
 
     fn keep_file(&mut self, key: FileKey, file: Arc<File>) {
@@ -496,8 +578,16 @@ impl State {
     }
 }
 
-/// Only the executable, its interpreter and the vDSO are mapped: the
-/// dynamic loader has not mapped the libraries yet.
+/// The pids of /proc.
+fn running_pids() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
 /// Waits until the ring has data the kernel woke us for, or `timeout`.
 fn wait_readable(fd: RawFd, timeout: Duration) {
     let mut pollfd = libc::pollfd {
@@ -510,6 +600,8 @@ fn wait_readable(fd: RawFd, timeout: Duration) {
     unsafe { libc::poll(&mut pollfd, 1, ms) };
 }
 
+/// Only the executable, its interpreter and the vDSO are mapped: the
+/// dynamic loader has not mapped the libraries yet.
 fn loader_only(maps: &ProcMaps) -> bool {
     let mut files = maps.entries().iter().filter_map(|e| match &e.backing {
         Backing::File { path, .. } => Some(path),
