@@ -56,6 +56,7 @@ pub static PROCESS_EVENTS: RingBuf = RingBuf::with_byte_size(PROCESS_EVENTS_BYTE
 /// lookup per sample, as a map of fresh execs would cost. LRU: an entry
 /// evicted is reported again, and userspace skips the process it already
 /// captured.
+#[map]
 pub static REPORTED_PROCS: LruHashMap<u32, u8> =
     LruHashMap::with_max_entries(REPORTED_PROCS_ENTRIES, 0);
 

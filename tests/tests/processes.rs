@@ -40,9 +40,11 @@ fn check_churn(
             continue;
         };
         total += sample.count;
-        // A forked child returns from fork into parent_loop, which calls
-        // its work; an exec'd one never runs it.
-        let foreign: &[&str] = if fork_only {
+        // A forked child returns from fork into parent_loop: a child that
+        // does not exec calls its work from there, one that does runs it
+        // only on its way to exec (its pre-exec image, captured at its
+        // first sample if it has one there).
+        let foreign: &[&str] = if fork_only || names.contains(&"execl") {
             &["calibration_spin"]
         } else {
             &["parent_loop", "calibration_spin"]
