@@ -59,8 +59,8 @@ pub const MAX_PENDING: usize = 16 * 1024;
 /// Second look at a process whose first capture came before its
 /// libraries were mapped.
 pub const RECAPTURE_AFTER: Duration = Duration::from_millis(20);
-/// Execs remembered until their first sample (the kernel's `FRESH_EXECS`
-/// holds as many).
+/// Execs remembered until their first sample, and processes remembered
+/// as captured (the kernel's `REPORTED_PROCS` holds as many).
 const MAX_FRESH: usize = 16 * 1024;
 /// Open mapped files kept for captures; beyond it those no capture holds
 /// are closed.
