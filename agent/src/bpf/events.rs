@@ -142,6 +142,7 @@ impl EventThread {
             recapture: Vec::new(),
             fresh: HashMap::new(),
             captured: HashMap::new(),
+            outbox: Vec::new(),
             name_entries: HashMap::new(),
             explicit: HashMap::new(),
         };
@@ -185,6 +186,9 @@ struct State {
     /// Processes captured since their last exec: pid → start time, to
     /// tell a report repeated for the same process from a new one.
     captured: HashMap<u32, Option<u64>>,
+    /// Captures (their facts not read yet) and exits of the events read
+    /// last, in order; see [`State::flush`].
+    outbox: Vec<ProcessEvent>,
     /// `PID_FILTER` bits set from name rules, by pid.
     name_entries: HashMap<u32, u8>,
     /// Pid rules: pid → (bits, start time of the process it named).
@@ -249,6 +253,7 @@ impl State {
                     _ => {}
                 }
             }
+            self.flush();
             while let Ok(update) = self.updates.try_recv() {
                 self.update(update);
             }
@@ -258,7 +263,7 @@ impl State {
                 .partition(|(when, ..)| *when <= now);
             self.recapture = later;
             for (_, pid, image, facts) in due {
-                if let Some(capture) = self.capture(pid, image, None, facts) {
+                if let Some(capture) = self.capture(pid, image, None, facts, false) {
                     self.counters.recaptures.fetch_add(1, Ordering::Relaxed);
                     self.send(capture);
                 }
@@ -334,11 +339,31 @@ impl State {
                         return;
                     }
                 }
-                (Image::Forked(event.time_ns), None)
+                let mut comm = None;
+                if self.spec.has_names() {
+                    // A child inherits its parent's name, which no exec
+                    // changed: its verdict, in the kernel from now on.
+                    let name = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                        .map(|s| s.trim_end().to_string())
+                        .unwrap_or_default();
+                    if self.apply_names(pid, &name) == NameVerdict::Exclude {
+                        return;
+                    }
+                    comm = Some(name);
+                }
+                (Image::Forked(event.time_ns), comm)
             }
         };
+        let excluded = |bits: Option<u8>| bits.is_some_and(|b| b & FILTER_ENTRY_EXCLUDE != 0);
+        if excluded(self.name_entries.get(&pid).copied())
+            || excluded(self.explicit.get(&pid).map(|&(b, _)| b))
+        {
+            // Sampled before the kernel learned its verdict: its samples
+            // are dropped at drain, nothing to capture.
+            return;
+        }
         let started = Instant::now();
-        let capture = self.capture(pid, image, comm, None);
+        let capture = self.capture(pid, image, comm, None, true);
         self.counters
             .capture_ns
             .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
@@ -361,7 +386,7 @@ impl State {
                         capture.facts.clone(),
                     ));
                 }
-                self.send(capture);
+                self.outbox.push(ProcessEvent::Captured(Arc::new(capture)));
             }
             None => {
                 self.counters
@@ -379,22 +404,19 @@ impl State {
         self.recapture.retain(|&(_, pid, ..)| pid != event.pid);
         self.fresh.remove(&event.pid);
         self.captured.remove(&event.pid);
-        let exit = ProcessEvent::Exit {
+        // After the captures of the same read, in order.
+        self.outbox.push(ProcessEvent::Exit {
             pid: event.pid,
             time_ns: event.time_ns,
-        };
-        if let Err(TrySendError::Full(_)) = self.events.try_send(exit) {
-            self.counters
-                .captures_dropped
-                .fetch_add(1, Ordering::Relaxed);
-        }
+        });
     }
 
     fn send(&self, capture: Capture) {
-        if let Err(TrySendError::Full(_)) = self
-            .events
-            .try_send(ProcessEvent::Captured(Arc::new(capture)))
-        {
+        self.deliver(ProcessEvent::Captured(Arc::new(capture)));
+    }
+
+    fn deliver(&self, event: ProcessEvent) {
+        if let Err(TrySendError::Full(_)) = self.events.try_send(event) {
             self.counters
                 .captures_dropped
                 .fetch_add(1, Ordering::Relaxed);
@@ -470,14 +492,16 @@ impl State {
     }
 
     /// Reads what symbolization needs of `pid`, and the metadata facts
-    /// unless `facts` has them already; `None` when it is gone. `comm`:
-    /// the name, if known (else read from /proc).
+    /// unless `facts` has them already or `facts_later` (then
+    /// [`State::flush`] reads them); `None` when it is gone. `comm`: the
+    /// name, if known (else read from /proc).
     fn capture(
         &mut self,
         pid: u32,
         image: Image,
         comm: Option<String>,
         facts: Option<Arc<Facts>>,
+        facts_later: bool,
     ) -> Option<Capture> {
         let start_ticks = start_time(pid);
         let maps = ProcMaps::read(pid).ok().filter(|m| !m.is_empty())?;
@@ -526,19 +550,7 @@ impl State {
             };
             files.push((*key, file));
         }
-        let facts = match (facts, &mut self.facts) {
-            (Some(facts), _) => Some(facts),
-            (None, Some(reader)) => {
-                let started = Instant::now();
-                let facts = reader.read(pid, &name, executable.as_deref());
-                self.counters
-                    .facts_ns
-                    .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                Some(Arc::new(facts))
-            }
-            (None, None) => None,
-        };
-        Some(Capture {
+        let mut capture = Capture {
             pid,
             image,
             start_ticks,
@@ -547,7 +559,65 @@ impl State {
             maps: Some(maps),
             files,
             facts,
-        })
+        };
+        if !facts_later {
+            self.read_facts(&mut capture);
+        }
+        Some(capture)
+    }
+
+    /// Reads the metadata facts of `capture` if it has none and they are
+    /// asked for.
+    fn read_facts(&mut self, capture: &mut Capture) {
+        let Some(reader) = &mut self.facts else {
+            return;
+        };
+        if capture.facts.is_some() {
+            return;
+        }
+        let started = Instant::now();
+        let facts = reader.read(capture.pid, &capture.name, capture.executable.as_deref());
+        capture.facts = Some(Arc::new(facts));
+        self.counters
+            .facts_ns
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// After the events of one read: the metadata facts of the captures
+    /// taken for them, read once every new image's mappings are (a burst
+    /// of short-lived processes can exit while earlier captures read
+    /// their facts, ~100 µs each), then the captures and exits sent in
+    /// the order their events came.
+    fn flush(&mut self) {
+        if self.outbox.is_empty() {
+            return;
+        }
+        let mut outbox = std::mem::take(&mut self.outbox);
+        for out in &mut outbox {
+            let ProcessEvent::Captured(capture) = out else {
+                continue;
+            };
+            let Some(capture) = Arc::get_mut(capture) else {
+                continue;
+            };
+            if capture.facts.is_some() || self.facts.is_none() {
+                continue;
+            }
+            let started = Instant::now();
+            self.read_facts(capture);
+            self.counters
+                .capture_ns
+                .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            // A second capture keeps the first's facts.
+            for (_, pid, image, facts) in &mut self.recapture {
+                if *pid == capture.pid && *image == capture.image && facts.is_none() {
+                    facts.clone_from(&capture.facts);
+                }
+            }
+        }
+        for out in outbox {
+            self.deliver(out);
+        }
     }
 
     /// Marks the processes running now as reported in the kernel: they
