@@ -307,11 +307,7 @@ impl State {
         let exec = self.fresh.remove(&pid);
         // Already gone, or running another image: /proc no longer shows
         // this one.
-        match later
-            .iter()
-            .find(|e| e.pid == pid && e.kind != PROCESS_EVENT_SAMPLED)
-            .map(|e| e.kind)
-        {
+        match next_change(pid, later) {
             Some(PROCESS_EVENT_EXEC) => {
                 self.counters
                     .captures_superseded
@@ -648,6 +644,14 @@ impl State {
     }
 }
 
+/// The kind of the first exec or exit of `pid` among `later` events.
+fn next_change(pid: u32, later: &[RawEvent]) -> Option<u32> {
+    later
+        .iter()
+        .find(|e| e.pid == pid && e.kind != PROCESS_EVENT_SAMPLED)
+        .map(|e| e.kind)
+}
+
 /// The pids of /proc.
 fn running_pids() -> Vec<u32> {
     std::fs::read_dir("/proc")
@@ -693,6 +697,26 @@ fn comm(raw: &[u8; 16]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_capture_is_skipped_when_a_later_event_of_the_read_changes_the_process() {
+        let event = |kind, pid| RawEvent {
+            kind,
+            pid,
+            time_ns: 0,
+            comm: [0; 16],
+        };
+        let later = [
+            event(PROCESS_EVENT_SAMPLED, 7),
+            event(PROCESS_EVENT_EXIT, 8),
+            event(PROCESS_EVENT_EXEC, 7),
+            event(PROCESS_EVENT_EXIT, 7),
+        ];
+        assert_eq!(next_change(7, &later), Some(PROCESS_EVENT_EXEC));
+        assert_eq!(next_change(8, &later), Some(PROCESS_EVENT_EXIT));
+        assert_eq!(next_change(9, &later), None);
+        assert_eq!(next_change(7, &later[..2]), None);
+    }
 
     #[test]
     fn a_process_with_only_its_loader_is_captured_again() {
