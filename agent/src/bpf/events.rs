@@ -13,7 +13,9 @@
 //! began at that sample. The processes running at start are marked
 //! reported in the kernel's `REPORTED_PROCS` (they are read from /proc at
 //! drain); a process reported again (its entry evicted from that LRU map)
-//! whose capture is still current is not captured twice.
+//! whose capture is still current is not captured twice. Of the events
+//! of one ring read, every new image's mappings are read first and their
+//! facts afterwards; captures and exits go out in the events' order.
 //! A capture is `/proc/<pid>/stat` (start time), `/proc/<pid>/exe`,
 //! `/proc/<pid>/maps`, and an open handle to each mapped file not already
 //! held (through `/proc/<pid>/map_files`, else the process's root), shared
