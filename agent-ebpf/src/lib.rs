@@ -42,6 +42,9 @@ pub mod names {
     pub const PROCESS_EXIT_PROGRAM: &str = "process_exit";
     /// Ring buffer of [`crate::ProcessEvent`]s.
     pub const PROCESS_EVENTS: &str = "PROCESS_EVENTS";
+    /// LRU hash, tgid → 1: processes whose image was reported sampled
+    /// (userspace adds those running at start).
+    pub const REPORTED_PROCS: &str = "REPORTED_PROCS";
     pub const SCRATCH_STACK: &str = "SCRATCH_STACK";
     /// Per-window maps: index 0 and 1 of the double buffer.
     pub const COUNTS: [&str; 2] = ["COUNTS_0", "COUNTS_1"];
@@ -103,8 +106,11 @@ pub const PROCESS_EVENT_EXEC: u32 = 1;
 /// (`sched_process_exit` with `group_dead`).
 pub const PROCESS_EVENT_EXIT: u32 = 2;
 /// [`ProcessEvent::kind`]: the first on-CPU sample of a process since its
-/// exec; userspace reads its mappings now (`time_ns` is the sample's).
+/// exec, or since it forked (a process never seen exec'ing); userspace
+/// reads its mappings now (`time_ns` is the sample's).
 pub const PROCESS_EVENT_SAMPLED: u32 = 3;
+/// Entries of the `REPORTED_PROCS` LRU map.
+pub const REPORTED_PROCS_ENTRIES: u32 = 16 * 1024;
 /// Size of the `PROCESS_EVENTS` ring buffer (a power of two of pages).
 pub const PROCESS_EVENTS_BYTES: u32 = 256 * 1024;
 

@@ -20,7 +20,7 @@ use hearth_ebpf::{
     SampleCount, SampleKey, Stack, Stat, UnwindFile, UnwindMapping, UnwindPage, UnwindProc,
     UnwindRow, CONTROL_ACTIVE_WINDOW, CONTROL_ENTRIES, FILTER_CGROUPS, FILTER_ENTRY_EXCLUDE,
     FILTER_ENTRY_INCLUDE, FILTER_INCLUDE, FILTER_MAX_CGROUP_LEVEL, FILTER_PIDS,
-    PROCESS_EVENTS_BYTES, UNWIND_MAPPING_ENTRIES,
+    PROCESS_EVENTS_BYTES, REPORTED_PROCS_ENTRIES, UNWIND_MAPPING_ENTRIES,
 };
 
 /// `CONTROL[CONTROL_ACTIVE_WINDOW]`: the window (0 or 1) programs write to.
@@ -46,13 +46,19 @@ pub static CGROUP_FILTER: HashMap<u64, u8> = HashMap::with_max_entries(1024, 0);
 #[map]
 pub static PROCESS_EVENTS: RingBuf = RingBuf::with_byte_size(PROCESS_EVENTS_BYTES, 0);
 
-/// Processes that exec'd and were not sampled since (tgid → 1): the first
-/// on-CPU sample of one asks userspace to read its mappings (a
+/// Processes whose current image was reported to userspace (tgid → 1):
+/// the first on-CPU sample of a process not in it, since its exec or
+/// since it forked, inserts it and asks userspace to read its mappings (a
 /// `PROCESS_EVENT_SAMPLED`), so processes never sampled, most of the
-/// short-lived ones of a busy host, cost no /proc reads. LRU: a process
-/// never sampled and never seen exiting ages out.
+/// short-lived ones of a busy host, cost no /proc reads. The exec and exit
+/// programs delete the entry; userspace fills it at start with the
+/// processes already running (read from /proc at drain instead). One
+/// lookup per sample, as a map of fresh execs would cost. LRU: an entry
+/// evicted is reported again, and userspace skips the process it already
+/// captured.
 #[map]
-pub static FRESH_EXECS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(16 * 1024, 0);
+pub static REPORTED_PROCS: LruHashMap<u32, u8> =
+    LruHashMap::with_max_entries(REPORTED_PROCS_ENTRIES, 0);
 
 /// Per-CPU buffers a stack is built in before it is deduplicated into a
 /// `STACKS_*` map (a stack does not fit the 512-byte BPF stack). One slot

@@ -2,20 +2,21 @@
 //! `PROCESS_EVENTS` ring buffer.
 //!
 //! A process that lives less than a drain interval is gone from /proc by
-//! the time its samples are symbolized. The exec event marks it fresh; its
-//! first on-CPU sample then sends a sampled event that lets userspace read
-//! its mappings (and open the mapped files) while it runs, and the exit
-//! event tells it when caches keyed by that process can go. Both fire at
-//! process rate, not sample rate, and do no more than one ring-buffer
-//! reservation; a full buffer is counted (`ProcessEventsLost`), never
-//! waited on. Events are submitted without waking the reader (see
-//! [`send`]).
+//! the time its samples are symbolized. The first on-CPU sample of a
+//! process not in `REPORTED_PROCS` (one that forked, or exec'd, since it
+//! was last reported) sends a sampled event that lets userspace read its
+//! mappings (and open the mapped files) while it runs; the exec event
+//! tells userspace that image is a new one, and the exit event when
+//! caches keyed by that process can go. Both fire at process rate, not
+//! sample rate, and do no more than one ring-buffer reservation; a full
+//! buffer is counted (`ProcessEventsLost`), never waited on. Execs and
+//! exits are submitted without waking the reader (see [`send`]).
 //!
 //! The exit program also deletes the process's `PID_FILTER` entry, so a
 //! reused pid never inherits a filter decision made for another process.
 
 use aya_ebpf::{
-    bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_NOEXIST, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
@@ -25,7 +26,7 @@ use hearth_ebpf::{
     PROCESS_EVENT_SAMPLED,
 };
 
-use crate::maps::{count, filter_flags, filtered_out, FRESH_EXECS, PID_FILTER, PROCESS_EVENTS};
+use crate::maps::{count, filter_flags, filtered_out, PID_FILTER, PROCESS_EVENTS, REPORTED_PROCS};
 
 /// `sched_process_exec(struct task_struct *p, pid_t old_pid,
 /// struct linux_binprm *bprm)`, in the context of the process, after its
@@ -35,15 +36,16 @@ use crate::maps::{count, filter_flags, filtered_out, FRESH_EXECS, PID_FILTER, PR
 pub fn process_exec(_ctx: BtfTracePointContext) -> u32 {
     count(Stat::ProcessExecs);
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // A new image: its first sample is reported again. Userspace reads
+    // the mappings then, not now: most short-lived processes are never
+    // sampled. (Before the filter check: a cgroup's verdict can change.)
+    let _ = REPORTED_PROCS.remove(&tgid);
     // Without name rules, the filter's verdict cannot change at exec:
     // processes it leaves out need no early capture.
     if filter_flags() & FILTER_NAMES == 0 && filtered_out(tgid) {
         return 0;
     }
-    // Userspace reads the mappings at the first sample, not now: most
-    // short-lived processes are never sampled.
-    let _ = FRESH_EXECS.insert(&tgid, &1, 0);
-    send(PROCESS_EVENT_EXEC, tgid);
+    let _ = send(PROCESS_EVENT_EXEC, tgid);
     0
 }
 
@@ -62,25 +64,35 @@ pub fn process_exit(ctx: BtfTracePointContext) -> u32 {
         // Missing entries are the common case; the result does not matter.
         let _ = PID_FILTER.remove(&tgid);
     }
-    let _ = FRESH_EXECS.remove(&tgid);
-    send(PROCESS_EVENT_EXIT, tgid);
+    let _ = REPORTED_PROCS.remove(&tgid);
+    let _ = send(PROCESS_EVENT_EXIT, tgid);
     0
 }
 
 /// Called for every on-CPU sample: the first one of a process since its
-/// exec asks userspace to read the process's mappings while it runs.
+/// exec or fork asks userspace to read the process's mappings while it
+/// runs. One lookup per sample; the rest once per process image.
 #[inline(always)]
 pub fn note_sampled(tgid: u32) {
-    if FRESH_EXECS.get_ptr(&tgid).is_some() && FRESH_EXECS.remove(&tgid).is_ok() {
-        send(PROCESS_EVENT_SAMPLED, tgid);
+    if REPORTED_PROCS.get_ptr(&tgid).is_some() {
+        return;
+    }
+    // BPF_NOEXIST: of two CPUs sampling threads of the process at once,
+    // one reports it.
+    if REPORTED_PROCS.insert(&tgid, &1, BPF_NOEXIST as u64).is_ok()
+        && !send(PROCESS_EVENT_SAMPLED, tgid)
+    {
+        // Lost (counted): the next sample tries again.
+        let _ = REPORTED_PROCS.remove(&tgid);
     }
 }
 
+/// Whether the event was written (a full ring is counted).
 #[inline(always)]
-fn send(kind: u32, pid: u32) {
+fn send(kind: u32, pid: u32) -> bool {
     let Some(mut entry) = PROCESS_EVENTS.reserve::<ProcessEvent>(0) else {
         count(Stat::ProcessEventsLost);
-        return;
+        return false;
     };
     entry.write(ProcessEvent {
         kind,
@@ -100,4 +112,5 @@ fn send(kind: u32, pid: u32) {
         BPF_RB_NO_WAKEUP
     };
     entry.submit(flags as u64);
+    true
 }

@@ -5,16 +5,19 @@
 //! when it execs. The exec and exit events of the kernel's process-event
 //! program carry their time (`bpf_ktime_get_ns`), as do samples (the time
 //! each stack was last seen), so a sample of pid P at time T belongs to the
-//! latest exec of P before T, unless P's exit came between. That image's
-//! [`Capture`], taken at the image's first on-CPU sample, has its mappings,
-//! its open mapped files, its name and the facts its metadata is composed
-//! from (container, service environment, parent), so it is symbolized and
-//! tagged even when it is gone from /proc at drain time.
+//! latest image of P begun before T, unless P's exit came between. An
+//! image begins at its exec, or, for a process that forked and was not
+//! seen exec'ing, at its first on-CPU sample (every sample of it since
+//! comes later). That image's [`Capture`], taken at the image's first
+//! on-CPU sample, has its mappings, its open mapped files, its name and
+//! the facts its metadata is composed from (container, service
+//! environment, parent), so it is symbolized and tagged even when it is
+//! gone from /proc at drain time.
 //!
-//! Processes whose exec was not seen (running before the agent started, a
-//! child that forked without exec, an event lost to a full ring buffer)
-//! are read from /proc at drain, keyed by their start time, so a reused
-//! pid never shares an entry with the process it replaced.
+//! Processes not captured (running before the agent started, an event
+//! lost to a full ring buffer) are read from /proc at drain, keyed by
+//! their start time, so a reused pid never shares an entry with the
+//! process it replaced.
 //!
 //! Every cache keyed by process ([`crate::process::ProcessTable`], the
 //! symbolizer's map cache) uses [`ProcessKey`]; the [`Tracker`] tells them
@@ -34,12 +37,26 @@ pub enum Image {
     /// The image begun by the exec reported at this time
     /// (`bpf_ktime_get_ns`).
     Exec(u64),
+    /// A process not seen exec'ing (it forked, or its exec event was
+    /// lost), captured at its first on-CPU sample, at this time
+    /// (`bpf_ktime_get_ns`).
+    Forked(u64),
     /// A process whose exec was not seen, as /proc has it at drain: its
     /// start time in clock ticks since boot (`/proc/<pid>/stat` field 22).
     Started(u64),
     /// Nothing known: gone before it was looked at, or sampled before the
     /// exec that was captured (a child between fork and exec).
     Unknown,
+}
+
+impl Image {
+    /// When a captured image began (`bpf_ktime_get_ns`).
+    pub fn begin_ns(&self) -> Option<u64> {
+        match *self {
+            Image::Exec(ns) | Image::Forked(ns) => Some(ns),
+            Image::Started(_) | Image::Unknown => None,
+        }
+    }
 }
 
 /// A process image: pid and which of its incarnations.
@@ -65,15 +82,18 @@ impl ProcessKey {
     }
 }
 
-/// What was read of a process right after its exec, while it lived.
+/// What was read of a process image at its first on-CPU sample, while it
+/// lived.
 #[derive(Debug)]
 pub struct Capture {
     pub pid: u32,
-    /// `bpf_ktime_get_ns` of the exec.
-    pub exec_ns: u64,
+    /// Which image: [`Image::Exec`] or [`Image::Forked`], with the time it
+    /// began.
+    pub image: Image,
     /// Start time in clock ticks since boot, when it could be read.
     pub start_ticks: Option<u64>,
-    /// Process name after the exec (the kernel's `comm`).
+    /// Process name after the exec (the kernel's `comm`), or as
+    /// `/proc/<pid>/comm` had it at capture.
     pub name: String,
     /// `/proc/<pid>/exe`.
     pub executable: Option<Arc<str>>,
@@ -92,7 +112,12 @@ pub struct Capture {
 
 impl Capture {
     pub fn key(&self) -> ProcessKey {
-        ProcessKey::new(self.pid, Image::Exec(self.exec_ns))
+        ProcessKey::new(self.pid, self.image)
+    }
+
+    /// When the image began (`bpf_ktime_get_ns`).
+    pub fn begin_ns(&self) -> u64 {
+        self.image.begin_ns().unwrap_or(0)
     }
 
     /// The open handle of a mapped file.
@@ -105,19 +130,20 @@ impl Capture {
 /// the pipeline (with each window).
 #[derive(Debug, Clone)]
 pub enum ProcessEvent {
-    /// An exec, with what was captured of the new image. A second capture
-    /// of the same exec (taken a little later, once the dynamic loader has
-    /// mapped the libraries) replaces the first.
-    Exec(Arc<Capture>),
+    /// A new image (an exec, or a process not seen exec'ing), with what
+    /// was captured of it. A second capture of the same image (taken a
+    /// little later, once the dynamic loader has mapped the libraries)
+    /// replaces the first.
+    Captured(Arc<Capture>),
     /// The process's last thread exited at `time_ns`.
     Exit { pid: u32, time_ns: u64 },
 }
 
-/// An incarnation known from its exec.
+/// An incarnation known from its capture.
 #[derive(Debug)]
 struct Tracked {
     capture: Arc<Capture>,
-    /// When it ended: its exit, or the next exec of the same pid.
+    /// When it ended: its exit, or the next image of the same pid.
     ended_ns: Option<u64>,
 }
 
@@ -135,7 +161,7 @@ pub struct Changes {
 /// Most incarnations tracked at once; the oldest are dropped beyond.
 pub const MAX_TRACKED: usize = 32 * 1024;
 
-/// The incarnations known from exec events, by pid.
+/// The incarnations known from captures, by pid.
 #[derive(Debug, Default)]
 pub struct Tracker {
     by_pid: HashMap<u32, Vec<Tracked>>,
@@ -161,17 +187,14 @@ impl Tracker {
     pub fn ingest(&mut self, events: &[ProcessEvent], changes: &mut Changes) {
         for event in events {
             match event {
-                ProcessEvent::Exec(capture) => {
+                ProcessEvent::Captured(capture) => {
                     let list = self.by_pid.entry(capture.pid).or_default();
-                    if let Some(same) = list
-                        .iter_mut()
-                        .find(|t| t.capture.exec_ns == capture.exec_ns)
-                    {
+                    if let Some(same) = list.iter_mut().find(|t| t.capture.image == capture.image) {
                         same.capture = capture.clone();
                     } else {
                         if let Some(previous) = list.last_mut() {
                             if previous.ended_ns.is_none() {
-                                previous.ended_ns = Some(capture.exec_ns);
+                                previous.ended_ns = Some(capture.begin_ns());
                                 changes.ended.push(previous.capture.key());
                             }
                         }
@@ -185,7 +208,7 @@ impl Tracker {
                 }
                 ProcessEvent::Exit { pid, time_ns } => {
                     if let Some(last) = self.by_pid.get_mut(pid).and_then(|l| l.last_mut()) {
-                        if last.ended_ns.is_none() && last.capture.exec_ns <= *time_ns {
+                        if last.ended_ns.is_none() && last.capture.begin_ns() <= *time_ns {
                             last.ended_ns = Some(*time_ns);
                             changes.ended.push(last.capture.key());
                         }
@@ -198,33 +221,40 @@ impl Tracker {
         }
     }
 
-    /// The incarnation of `pid` a sample last seen at `time_ns` belongs
-    /// to: `Some(Exec)` for a captured image, `Some(Unknown)` for a sample
-    /// taken before the first captured exec of a process still running
-    /// that image's predecessor we know nothing of (fork to exec), `None`
-    /// when nothing tracked covers it (ask /proc).
+    /// The captured incarnation of `pid` a sample last seen at `time_ns`
+    /// belongs to; `None` when nothing tracked covers it (ask /proc, and
+    /// [`Tracker::before_first`]).
     pub fn resolve(&self, pid: u32, time_ns: u64) -> Option<(ProcessKey, &Arc<Capture>)> {
         let list = self.by_pid.get(&pid)?;
-        let tracked = list.iter().rev().find(|t| t.capture.exec_ns <= time_ns)?;
+        let tracked = list
+            .iter()
+            .rev()
+            .find(|t| t.capture.begin_ns() <= time_ns)?;
         if tracked.ended_ns.is_some_and(|end| end < time_ns) {
-            // Sampled after that image ended: another process (or a fork
-            // that did not exec) holds the pid now.
+            // Sampled after that image ended: another process, not
+            // captured, holds the pid now.
             return None;
         }
         Some((tracked.capture.key(), &tracked.capture))
     }
 
-    /// Whether a sample at `time_ns` precedes every captured exec of `pid`
-    /// and the first such exec is of the process /proc shows with
-    /// `live_ticks` now: then it ran the image before that exec, which
-    /// was never captured.
-    pub fn before_first_exec(&self, pid: u32, time_ns: u64, live_ticks: Option<u64>) -> bool {
-        let Some(first) = self.by_pid.get(&pid).and_then(|l| l.first()) else {
-            return false;
-        };
-        time_ns < first.capture.exec_ns
-            && first.capture.start_ticks.is_some()
-            && first.capture.start_ticks == live_ticks
+    /// The first capture of `pid`, when a sample at `time_ns` precedes
+    /// it and it is of the process /proc shows with `live_ticks` now. If
+    /// it is an exec, the sample ran the image before it, never captured
+    /// (a child between fork and exec); if it is a forked image, the
+    /// sample is that image's (taken off the CPU before its first on-CPU
+    /// sample).
+    pub fn before_first(
+        &self,
+        pid: u32,
+        time_ns: u64,
+        live_ticks: Option<u64>,
+    ) -> Option<&Arc<Capture>> {
+        let first = &self.by_pid.get(&pid)?.first()?.capture;
+        (time_ns < first.begin_ns()
+            && first.start_ticks.is_some()
+            && first.start_ticks == live_ticks)
+            .then_some(first)
     }
 
     /// After a window is processed: forgets incarnations that ended before
@@ -249,22 +279,26 @@ impl Tracker {
     }
 
     fn drop_oldest(&mut self, n: usize, changes: &mut Changes) {
-        let mut all: Vec<(bool, u64, u32)> = self
+        let mut all: Vec<(bool, u64, u32, Image)> = self
             .by_pid
             .iter()
             .flat_map(|(&pid, l)| {
-                l.iter()
-                    .map(move |t| (t.ended_ns.is_none(), t.capture.exec_ns, pid))
+                l.iter().map(move |t| {
+                    (
+                        t.ended_ns.is_none(),
+                        t.capture.begin_ns(),
+                        pid,
+                        t.capture.image,
+                    )
+                })
             })
             .collect();
         // Ended ones first, oldest first.
         all.sort_unstable();
-        for &(_, exec_ns, pid) in all.iter().take(n) {
+        for &(_, _, pid, image) in all.iter().take(n) {
             if let Some(list) = self.by_pid.get_mut(&pid) {
-                list.retain(|t| t.capture.exec_ns != exec_ns);
-                changes
-                    .forgotten
-                    .push(ProcessKey::new(pid, Image::Exec(exec_ns)));
+                list.retain(|t| t.capture.image != image);
+                changes.forgotten.push(ProcessKey::new(pid, image));
                 self.tracked -= 1;
                 if list.is_empty() {
                     self.by_pid.remove(&pid);
@@ -289,10 +323,15 @@ pub fn monotonic_ns() -> u64 {
 
 #[cfg(test)]
 pub(crate) fn fake_capture(pid: u32, exec_ns: u64, name: &str) -> Arc<Capture> {
+    fake_image(pid, Image::Exec(exec_ns), name)
+}
+
+#[cfg(test)]
+pub(crate) fn fake_image(pid: u32, image: Image, name: &str) -> Arc<Capture> {
     Arc::new(Capture {
         pid,
-        exec_ns,
-        start_ticks: Some(exec_ns / 10_000_000),
+        image,
+        start_ticks: image.begin_ns().map(|ns| ns / 10_000_000),
         name: name.into(),
         executable: Some(Arc::from(format!("/usr/bin/{name}"))),
         maps: Some(ProcMaps::default()),
@@ -306,7 +345,15 @@ mod tests {
     use super::*;
 
     fn exec(pid: u32, ns: u64, name: &str) -> ProcessEvent {
-        ProcessEvent::Exec(fake_capture(pid, ns, name))
+        ProcessEvent::Captured(fake_capture(pid, ns, name))
+    }
+
+    fn fork(pid: u32, ns: u64, name: &str) -> ProcessEvent {
+        ProcessEvent::Captured(fake_image(pid, Image::Forked(ns), name))
+    }
+
+    fn exit(pid: u32, time_ns: u64) -> ProcessEvent {
+        ProcessEvent::Exit { pid, time_ns }
     }
 
     #[test]
@@ -371,6 +418,93 @@ mod tests {
         t.ingest(&[exec(7, 100, "early"), exec(7, 100, "late")], &mut changes);
         assert_eq!(t.len(), 1);
         assert_eq!(t.resolve(7, 150).unwrap().1.name, "late");
+        assert!(changes.ended.is_empty());
+    }
+
+    #[test]
+    fn a_forked_child_gone_before_the_drain_resolves_to_its_capture() {
+        let mut t = Tracker::new();
+        let mut changes = Changes::default();
+        // Captured at its first sample (1_000), exited at 30_000: at drain
+        // /proc no longer has it.
+        t.ingest(&[fork(9, 1_000, "worker"), exit(9, 30_000)], &mut changes);
+        let (key, capture) = t.resolve(9, 20_000).expect("resolved to the capture");
+        assert_eq!(key, ProcessKey::new(9, Image::Forked(1_000)));
+        assert_eq!(capture.name, "worker");
+        assert_eq!(changes.adopted.len(), 1);
+        assert_eq!(changes.ended, vec![key]);
+        // After its exit the pid is another (uncaptured) process's.
+        assert!(t.resolve(9, 30_001).is_none());
+    }
+
+    #[test]
+    fn a_reused_pid_never_gets_another_process_capture() {
+        let mut t = Tracker::new();
+        let mut changes = Changes::default();
+        t.ingest(
+            &[
+                fork(9, 1_000, "first"),
+                exit(9, 2_000),
+                // The pid reused by another forked child, then by an
+                // exec'd process whose fork-to-exec part was sampled too.
+                fork(9, 3_000, "second"),
+                exit(9, 4_000),
+                fork(9, 5_000, "third-before-exec"),
+                ProcessEvent::Captured(fake_capture(9, 6_000, "third")),
+            ],
+            &mut changes,
+        );
+        let name = |ns| t.resolve(9, ns).map(|(_, c)| c.name.as_str());
+        assert_eq!(name(1_500), Some("first"));
+        assert_eq!(name(2_500), None, "between an exit and the next capture");
+        assert_eq!(name(3_500), Some("second"));
+        assert_eq!(name(4_500), None);
+        assert_eq!(name(5_500), Some("third-before-exec"));
+        assert_eq!(name(7_000), Some("third"));
+        let keys: Vec<Image> = [1_500, 3_500, 5_500, 7_000]
+            .into_iter()
+            .map(|ns| t.resolve(9, ns).unwrap().0.image)
+            .collect();
+        assert_eq!(
+            keys,
+            vec![
+                Image::Forked(1_000),
+                Image::Forked(3_000),
+                Image::Forked(5_000),
+                Image::Exec(6_000)
+            ],
+            "one key per process image"
+        );
+        // The fork-to-exec image ended at the exec.
+        assert!(changes
+            .ended
+            .contains(&ProcessKey::new(9, Image::Forked(5_000))));
+    }
+
+    #[test]
+    fn samples_before_a_forked_capture_are_its_own_while_it_lives() {
+        let mut t = Tracker::new();
+        let mut changes = Changes::default();
+        let forked = fake_image(9, Image::Forked(1_000_000_000), "worker");
+        let ticks = forked.start_ticks;
+        t.ingest(&[ProcessEvent::Captured(forked)], &mut changes);
+        // An off-CPU sample from before its first on-CPU sample.
+        let first = t.before_first(9, 500, ticks).expect("the same process");
+        assert_eq!(first.image, Image::Forked(1_000_000_000));
+        // Another process on that pid now: not that capture's.
+        assert!(t.before_first(9, 500, Some(12345)).is_none());
+        assert!(t.before_first(9, 500, None).is_none());
+        // Not before it: resolve covers that.
+        assert!(t.before_first(9, 2_000_000_000, ticks).is_none());
+    }
+
+    #[test]
+    fn a_second_capture_of_a_forked_image_replaces_the_first() {
+        let mut t = Tracker::new();
+        let mut changes = Changes::default();
+        t.ingest(&[fork(9, 1_000, "a"), fork(9, 1_000, "b")], &mut changes);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.resolve(9, 1_500).unwrap().1.name, "b");
         assert!(changes.ended.is_empty());
     }
 }

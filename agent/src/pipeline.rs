@@ -106,15 +106,18 @@ impl<S: Symbolize> WindowProcessor<S> {
             return (key, Some(capture.clone()));
         }
         let ticks = *live.entry(pid).or_insert_with(|| start_time(pid));
+        if let Some(first) = self.tracker.before_first(pid, sample.last_seen_ns, ticks) {
+            return match first.image {
+                // A forked image's own sample, from before its first
+                // on-CPU one.
+                Image::Forked(_) => (first.key(), Some(first.clone())),
+                // /proc shows a process whose captured exec came after
+                // the sample: the sample ran the image before it, never
+                // captured.
+                _ => (ProcessKey::new(pid, Image::Unknown), None),
+            };
+        }
         let image = match ticks {
-            // /proc shows a process whose captured exec came after the
-            // sample: the sample ran the image before it, never captured.
-            _ if self
-                .tracker
-                .before_first_exec(pid, sample.last_seen_ns, ticks) =>
-            {
-                Image::Unknown
-            }
             Some(ticks) => Image::Started(ticks),
             None => Image::Unknown,
         };
@@ -393,12 +396,12 @@ mod tests {
             .with(0x20, "shared");
         let mut processor = WindowProcessor::new(symbolizer);
         let events = vec![
-            ProcessEvent::Exec(fake_capture(pid, 1_000, "first")),
+            ProcessEvent::Captured(fake_capture(pid, 1_000, "first")),
             ProcessEvent::Exit {
                 pid,
                 time_ns: 2_000,
             },
-            ProcessEvent::Exec(fake_capture(pid, 3_000, "second")),
+            ProcessEvent::Captured(fake_capture(pid, 3_000, "second")),
             ProcessEvent::Exit {
                 pid,
                 time_ns: 4_000,
@@ -428,6 +431,50 @@ mod tests {
         assert_eq!(forgotten.len(), 2, "{forgotten:?}");
     }
 
+    /// Forked children (no exec) gone before the drain, one after another
+    /// on the same pid: each sample gets the capture taken at its own
+    /// process's first sample, never the other's, and none is unknown.
+    #[test]
+    fn forked_children_gone_before_the_drain_keep_their_own_capture() {
+        use crate::incarnation::{fake_image, Image};
+        let pid = 4_000_003; // beyond pid_max: never in /proc
+        let symbolizer = MapSymbolizer::new()
+            .with_image("worker_a", 0x10, "work_a")
+            .with_image("worker_b", 0x10, "work_b");
+        let mut processor = WindowProcessor::new(symbolizer);
+        let events = vec![
+            ProcessEvent::Captured(fake_image(pid, Image::Forked(1_000), "worker_a")),
+            ProcessEvent::Exit {
+                pid,
+                time_ns: 2_000,
+            },
+            ProcessEvent::Captured(fake_image(pid, Image::Forked(3_000), "worker_b")),
+            ProcessEvent::Exit {
+                pid,
+                time_ns: 4_000,
+            },
+        ];
+        let samples = vec![
+            sample(pid, 1, 1_000),
+            sample(pid, 1, 1_900),
+            sample(pid, 1, 3_100),
+        ];
+        let profiles = processor.process(&window(samples, events), 99, None);
+        assert_eq!(
+            leaves(&profiles.on_cpu),
+            [
+                (pid, "worker_a".into(), "work_a".into()),
+                (pid, "worker_b".into(), "work_b".into()),
+            ]
+        );
+        assert_eq!(profiles.on_cpu.total_count(), 3);
+        let asked = &processor.symbolizer().asked;
+        assert!(
+            asked.iter().all(|k| matches!(k.image, Image::Forked(_))),
+            "{asked:?}"
+        );
+    }
+
     /// Samples of a process a name rule excludes, taken before the kernel
     /// learned the verdict, are dropped at drain.
     #[test]
@@ -439,8 +486,8 @@ mod tests {
         .unwrap();
         let mut processor = WindowProcessor::new(MapSymbolizer::new()).with_filter(filter);
         let events = vec![
-            ProcessEvent::Exec(fake_capture(4_000_001, 1_000, "noisy")),
-            ProcessEvent::Exec(fake_capture(4_000_002, 1_000, "quiet")),
+            ProcessEvent::Captured(fake_capture(4_000_001, 1_000, "noisy")),
+            ProcessEvent::Captured(fake_capture(4_000_002, 1_000, "quiet")),
         ];
         let samples = vec![sample(4_000_001, 1, 1_500), sample(4_000_002, 2, 1_500)];
         let profiles = processor.process(&window(samples, events), 99, None);

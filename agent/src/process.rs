@@ -73,7 +73,7 @@ impl ProcessTable {
             return entry.process.clone();
         }
         let mut process = match (key.image, capture) {
-            (Image::Exec(_), Some(capture)) => {
+            (Image::Exec(_) | Image::Forked(_), Some(capture)) => {
                 Process::new(key.pid, capture.name.as_str(), capture.executable.clone())
             }
             (Image::Started(_), _) => read_process(key.pid, thread_comm),
@@ -81,7 +81,7 @@ impl ProcessTable {
         };
         let executable = process.executable.clone();
         let captured = match key.image {
-            Image::Exec(_) => capture.and_then(|c| c.facts.clone()),
+            Image::Exec(_) | Image::Forked(_) => capture.and_then(|c| c.facts.clone()),
             _ => None,
         };
         let resolved = match captured {
@@ -95,7 +95,9 @@ impl ProcessTable {
                 let same_process = now.is_some()
                     && match key.image {
                         Image::Started(ticks) => now == Some(ticks),
-                        Image::Exec(_) => capture.and_then(|c| c.start_ticks) == now,
+                        Image::Exec(_) | Image::Forked(_) => {
+                            capture.and_then(|c| c.start_ticks) == now
+                        }
                         Image::Unknown => false,
                     };
                 if same_process {
@@ -141,7 +143,7 @@ impl ProcessTable {
             e.seen_in == window
                 || match key.image {
                     Image::Started(_) => key.start_ticks_match(start_time(key.pid)),
-                    Image::Exec(_) => true,
+                    Image::Exec(_) | Image::Forked(_) => true,
                     Image::Unknown => false,
                 }
         });

@@ -26,7 +26,16 @@ pub struct Churn<'a> {
     /// A cgroup directory the parent enters before it starts (its
     /// children are born in it).
     pub cgroup: Option<&'a Path>,
+    /// The children work in the forked copy of the parent, without
+    /// exec'ing (named like it: [`PARENT_NAME`]); else they exec a copy
+    /// of it ([`CHILD_NAME`]).
+    pub fork_only: bool,
 }
+
+/// The parent's process name, and the forked-only children's.
+pub const PARENT_NAME: &str = "churn";
+/// The exec'd children's process name.
+pub const CHILD_NAME: &str = "churn_child";
 
 impl Default for Churn<'_> {
     fn default() -> Self {
@@ -37,6 +46,7 @@ impl Default for Churn<'_> {
             work_ms: 20,
             env: &[],
             cgroup: None,
+            fork_only: false,
         }
     }
 }
@@ -52,9 +62,14 @@ impl Churn<'_> {
     pub fn start(&self, dir: &Path) -> Child {
         let mut flags = self.flags.to_vec();
         flags.push("-static");
-        let exe = build_c_fixture("churn", &flags, dir);
-        let child_exe = dir.join("churn_child");
+        let exe = build_c_fixture(PARENT_NAME, &flags, dir);
+        let child_exe = dir.join(CHILD_NAME);
         std::fs::copy(&exe, &child_exe).expect("copying the child executable");
+        let child = if self.fork_only {
+            "fork".to_string()
+        } else {
+            child_exe.to_str().unwrap().to_string()
+        };
         let mut command = match self.cgroup {
             // `echo 0` moves the writing shell itself, which then execs.
             Some(cgroup) => {
@@ -72,7 +87,7 @@ impl Churn<'_> {
             .args([
                 self.seconds.to_string(),
                 self.rate.to_string(),
-                child_exe.to_str().unwrap().to_string(),
+                child,
                 self.work_ms.to_string(),
             ])
             .envs(self.env.iter().copied())

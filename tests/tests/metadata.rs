@@ -372,6 +372,7 @@ fn short_lived_processes_keep_container_pod_and_service_attributes() {
             ("OTEL_RESOURCE_ATTRIBUTES", "service.version=3.1.4"),
         ],
         cgroup: Some(&cg),
+        ..Churn::default()
     }
     .start(&dir);
     let parent = churn.id();

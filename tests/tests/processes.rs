@@ -12,8 +12,14 @@ use hearth_integration_tests::*;
 /// names (their work function, or, for the moments around it, the start-up
 /// and exit code of their own executable, or the kernel's exec and exit
 /// paths where no user stack is left), and at least 90% in their work
-/// function; none with another process's code.
-fn check_churn(profile: &hearth::profile::Profile, children: &HashMap<u32, String>, parent: u32) {
+/// function; none with another process's code. `fork_only`: the children
+/// did not exec (they run the parent's code, under its name).
+fn check_churn(
+    profile: &hearth::profile::Profile,
+    children: &HashMap<u32, String>,
+    parent: u32,
+    fork_only: bool,
+) {
     let (mut total, mut own, mut edges) = (0u64, 0u64, 0u64);
     let mut wrong = Vec::new();
     for sample in &profile.samples {
@@ -34,7 +40,15 @@ fn check_churn(profile: &hearth::profile::Profile, children: &HashMap<u32, Strin
             continue;
         };
         total += sample.count;
-        let foreign = ["parent_loop", "calibration_spin"];
+        // A forked child returns from fork into parent_loop: a child that
+        // does not exec calls its work from there, one that does runs it
+        // only on its way to exec (its pre-exec image, captured at its
+        // first sample if it has one there).
+        let foreign: &[&str] = if fork_only || names.contains(&"execl") {
+            &["calibration_spin"]
+        } else {
+            &["parent_loop", "calibration_spin"]
+        };
         assert!(
             !names
                 .iter()
@@ -44,11 +58,16 @@ fn check_churn(profile: &hearth::profile::Profile, children: &HashMap<u32, Strin
         );
         // Between fork and exec a child still runs the parent's image, and
         // is named after it; in its work it is named after its own.
+        let own_name = if fork_only {
+            churn::PARENT_NAME
+        } else {
+            churn::CHILD_NAME
+        };
         if names.contains(&work.as_str()) {
-            assert_eq!(&*process.name, "churn_child", "pid {}", process.pid);
+            assert_eq!(&*process.name, own_name, "pid {}", process.pid);
         } else {
             assert!(
-                ["churn", "churn_child"].contains(&&*process.name),
+                [churn::PARENT_NAME, churn::CHILD_NAME].contains(&&*process.name),
                 "pid {}: {}",
                 process.pid,
                 process.name
@@ -59,7 +78,7 @@ fn check_churn(profile: &hearth::profile::Profile, children: &HashMap<u32, Strin
             .iter()
             .map(|&f| profile.frame(f))
             .find(|f| f.kind != hearth::profile::FrameKind::Kernel);
-        let lifecycle = ["do_exit", "bprm_execve"];
+        let lifecycle = ["do_exit", "bprm_execve", "ret_from_fork"];
         if names.contains(&work.as_str()) {
             own += sample.count;
         } else if user_leaf.is_some_and(|f| !f.function.starts_with('['))
@@ -93,7 +112,7 @@ fn check_churn(profile: &hearth::profile::Profile, children: &HashMap<u32, Strin
     );
 }
 
-fn record_churn(test: &str, flags: &[&str], extra: &[&str]) {
+fn record_churn(test: &str, flags: &[&str], extra: &[&str], fork_only: bool) {
     let dir = scratch_dir(test);
     let pb = dir.join("p.pb.gz");
     let mut args = vec!["record", "-d", "7s", "-F", "99", "-o", pb.to_str().unwrap()];
@@ -101,6 +120,7 @@ fn record_churn(test: &str, flags: &[&str], extra: &[&str]) {
     let (mut hearth, log) = start_hearth(&dir, &args, &[]);
     let churn = Churn {
         flags,
+        fork_only,
         ..Churn::default()
     }
     .start(&dir);
@@ -115,7 +135,7 @@ fn record_churn(test: &str, flags: &[&str], extra: &[&str]) {
             .filter(|l| l.contains("process events"))
             .collect::<String>()
     );
-    check_churn(&read_pprof(&pb), &children, parent);
+    check_churn(&read_pprof(&pb), &children, parent, fork_only);
 }
 
 /// Children living 20 ms each, sampled host-wide and drained every second
@@ -123,7 +143,7 @@ fn record_churn(test: &str, flags: &[&str], extra: &[&str]) {
 /// their exec.
 #[test]
 fn short_lived_processes_are_symbolized_with_frame_pointers() {
-    record_churn("churn-fp", FRAME_POINTER_FLAGS, &[]);
+    record_churn("churn-fp", FRAME_POINTER_FLAGS, &[], false);
 }
 
 /// The same without frame pointers, drained every 10 s as the daemon does
@@ -134,6 +154,21 @@ fn short_lived_processes_are_symbolized_at_a_ten_second_drain() {
         "churn-nofp",
         NO_FRAME_POINTER_FLAGS,
         &["--drain-interval", "10s"],
+        false,
+    );
+}
+
+/// Children that fork without exec'ing (prefork workers, subshells), each
+/// working 20 ms in its own function and exiting, drained every 10 s
+/// (every child long gone): symbolized from what was captured at their
+/// first sample, under their own pids.
+#[test]
+fn forked_short_lived_processes_are_symbolized_at_a_ten_second_drain() {
+    record_churn(
+        "churn-fork",
+        FRAME_POINTER_FLAGS,
+        &["--drain-interval", "10s"],
+        true,
     );
 }
 

@@ -7,6 +7,15 @@
 //! so the many short-lived processes of a busy host that are never sampled
 //! (a shell loop of `ls` runs hundreds a second) cost no /proc reads: reading
 //! every exec's maps took 2.5% of a core at 19 Hz in the daemon benchmark.
+//! The kernel reports the first sample of a process that forked without
+//! exec'ing too (prefork workers, subshells, multiprocessing): with no exec
+//! remembered for it, it is captured as an [`Image::Forked`] image that
+//! began at that sample. The processes running at start are marked
+//! reported in the kernel's `REPORTED_PROCS` (they are read from /proc at
+//! drain); a process reported again (its entry evicted from that LRU map)
+//! whose capture is still current is not captured twice. Of the events
+//! of one ring read, every new image's mappings are read first and their
+//! facts afterwards; captures and exits go out in the events' order.
 //! A capture is `/proc/<pid>/stat` (start time), `/proc/<pid>/exe`,
 //! `/proc/<pid>/maps`, and an open handle to each mapped file not already
 //! held (through `/proc/<pid>/map_files`, else the process's root), shared
@@ -42,7 +51,7 @@ use hearth_ebpf::{
 use tracing::{debug, warn};
 
 use crate::filter::{FilterSpec, FilterUpdate, NameVerdict};
-use crate::incarnation::{Capture, ProcessEvent};
+use crate::incarnation::{Capture, Image, ProcessEvent};
 use crate::metadata::{Facts, FactsReader, ReadOptions};
 use crate::process::start_time;
 use crate::symbolize::maps::{Backing, FileKey, ProcMaps};
@@ -52,8 +61,8 @@ pub const MAX_PENDING: usize = 16 * 1024;
 /// Second look at a process whose first capture came before its
 /// libraries were mapped.
 pub const RECAPTURE_AFTER: Duration = Duration::from_millis(20);
-/// Execs remembered until their first sample (the kernel's `FRESH_EXECS`
-/// holds as many).
+/// Execs remembered until their first sample, and processes remembered
+/// as captured (the kernel's `REPORTED_PROCS` holds as many).
 const MAX_FRESH: usize = 16 * 1024;
 /// Open mapped files kept for captures; beyond it those no capture holds
 /// are closed.
@@ -74,8 +83,17 @@ const POLL_NAME_RULES: Duration = Duration::from_millis(5);
 pub struct EventCounters {
     pub execs: AtomicU64,
     pub exits: AtomicU64,
-    /// Execs whose process was gone before its mappings could be read.
+    /// Images gone (or exited, as a later event of the same read says)
+    /// before their mappings could be read.
     pub captures_too_late: AtomicU64,
+    /// Images not captured because the process exec'd again before it
+    /// could be read (/proc shows the later image).
+    pub captures_superseded: AtomicU64,
+    /// First samples reported again of a process whose capture is still
+    /// current (its entry evicted from the kernel's LRU map): skipped.
+    pub captures_repeated: AtomicU64,
+    /// Of the captures, those of processes not seen exec'ing (forked).
+    pub forks_captured: AtomicU64,
     /// Captures dropped because the drain did not take them in time.
     pub captures_dropped: AtomicU64,
     /// Second captures taken once the libraries were mapped.
@@ -93,6 +111,8 @@ pub struct EventMaps {
     pub ring: RingBuf<MapData>,
     pub pids: Option<BpfHashMap<MapData, u32, u8>>,
     pub cgroups: Option<BpfHashMap<MapData, u64, u8>>,
+    /// `REPORTED_PROCS`: the processes running at start are added.
+    pub reported: BpfHashMap<MapData, u32, u8>,
 }
 
 pub struct EventThread {
@@ -123,10 +143,13 @@ impl EventThread {
             facts: facts.map(FactsReader::new),
             recapture: Vec::new(),
             fresh: HashMap::new(),
+            captured: HashMap::new(),
+            outbox: Vec::new(),
             name_entries: HashMap::new(),
             explicit: HashMap::new(),
         };
         state.initial_filter();
+        state.mark_running();
         let stop_flag = stop.clone();
         let handle = std::thread::Builder::new()
             .name("hearth-procs".into())
@@ -158,10 +181,16 @@ struct State {
     files: HashMap<FileKey, Arc<File>>,
     /// Reads the metadata facts of captured processes, if asked to.
     facts: Option<FactsReader>,
-    /// (due, pid, exec_ns, facts of the first capture) of second captures.
-    recapture: Vec<(Instant, u32, u64, Option<Arc<Facts>>)>,
+    /// (due, pid, image, facts of the first capture) of second captures.
+    recapture: Vec<(Instant, u32, Image, Option<Arc<Facts>>)>,
     /// Execs not sampled yet: pid → (exec time, name after the exec).
     fresh: HashMap<u32, (u64, String)>,
+    /// Processes captured since their last exec: pid → start time, to
+    /// tell a report repeated for the same process from a new one.
+    captured: HashMap<u32, Option<u64>>,
+    /// Captures (their facts not read yet) and exits of the events read
+    /// last, in order; see [`State::flush`].
+    outbox: Vec<ProcessEvent>,
     /// `PID_FILTER` bits set from name rules, by pid.
     name_entries: HashMap<u32, u8>,
     /// Pid rules: pid → (bits, start time of the process it named).
@@ -185,13 +214,7 @@ impl State {
             self.write_pid(pid, bits);
         }
         if self.spec.has_names() {
-            let pids: Vec<u32> = std::fs::read_dir("/proc")
-                .into_iter()
-                .flatten()
-                .flatten()
-                .filter_map(|e| e.file_name().to_str()?.parse().ok())
-                .collect();
-            for pid in pids {
+            for pid in running_pids() {
                 let name = std::fs::read_to_string(format!("/proc/{pid}/comm"))
                     .map(|s| s.trim_end().to_string())
                     .unwrap_or_default();
@@ -224,14 +247,15 @@ impl State {
                     raw.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<RawEvent>()) });
                 }
             }
-            for event in raw {
+            for (i, event) in raw.iter().enumerate() {
                 match event.kind {
-                    PROCESS_EVENT_EXEC => self.exec(&event),
-                    PROCESS_EVENT_SAMPLED => self.sampled(event.pid),
-                    PROCESS_EVENT_EXIT => self.exit(&event),
+                    PROCESS_EVENT_EXEC => self.exec(event),
+                    PROCESS_EVENT_SAMPLED => self.sampled(event, &raw[i + 1..]),
+                    PROCESS_EVENT_EXIT => self.exit(event),
                     _ => {}
                 }
             }
+            self.flush();
             while let Ok(update) = self.updates.try_recv() {
                 self.update(update);
             }
@@ -240,8 +264,8 @@ impl State {
                 .into_iter()
                 .partition(|(when, ..)| *when <= now);
             self.recapture = later;
-            for (_, pid, exec_ns, facts) in due {
-                if let Some(capture) = self.capture(pid, exec_ns, None, facts) {
+            for (_, pid, image, facts) in due {
+                if let Some(capture) = self.capture(pid, image, None, facts, false) {
                     self.counters.recaptures.fetch_add(1, Ordering::Relaxed);
                     self.send(capture);
                 }
@@ -265,6 +289,7 @@ impl State {
                 );
             }
         }
+        self.captured.remove(&pid);
         let verdict = self.apply_names(pid, &comm);
         if verdict == NameVerdict::Exclude {
             return;
@@ -276,30 +301,90 @@ impl State {
         self.fresh.insert(pid, (event.time_ns, comm));
     }
 
-    /// The first on-CPU sample of an image since its exec: capture it now,
-    /// while it runs.
-    fn sampled(&mut self, pid: u32) {
-        let Some((exec_ns, comm)) = self.fresh.remove(&pid) else {
-            return;
+    /// The first on-CPU sample of an image since its exec, or since the
+    /// process forked: capture it now, while it runs. `later`: the events
+    /// read after it.
+    fn sampled(&mut self, event: &RawEvent, later: &[RawEvent]) {
+        let pid = event.pid;
+        let exec = self.fresh.remove(&pid);
+        // Already gone, or running another image: /proc no longer shows
+        // this one.
+        match next_change(pid, later) {
+            Some(PROCESS_EVENT_EXEC) => {
+                self.counters
+                    .captures_superseded
+                    .fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Some(PROCESS_EVENT_EXIT) => {
+                self.counters
+                    .captures_too_late
+                    .fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            _ => {}
+        }
+        let (image, comm) = match exec {
+            Some((exec_ns, comm)) => (Image::Exec(exec_ns), Some(comm)),
+            None => {
+                // Not seen exec'ing: it forked (or its exec event was lost,
+                // or the kernel's LRU map forgot it was reported).
+                if let Some(&ticks) = self.captured.get(&pid) {
+                    if ticks.is_some() && start_time(pid) == ticks {
+                        self.counters
+                            .captures_repeated
+                            .fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                }
+                let mut comm = None;
+                if self.spec.has_names() {
+                    // A child inherits its parent's name, which no exec
+                    // changed: its verdict, in the kernel from now on.
+                    let name = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                        .map(|s| s.trim_end().to_string())
+                        .unwrap_or_default();
+                    if self.apply_names(pid, &name) == NameVerdict::Exclude {
+                        return;
+                    }
+                    comm = Some(name);
+                }
+                (Image::Forked(event.time_ns), comm)
+            }
         };
-        let event_time = exec_ns;
+        let excluded = |bits: Option<u8>| bits.is_some_and(|b| b & FILTER_ENTRY_EXCLUDE != 0);
+        if excluded(self.name_entries.get(&pid).copied())
+            || excluded(self.explicit.get(&pid).map(|&(b, _)| b))
+        {
+            // Sampled before the kernel learned its verdict: its samples
+            // are dropped at drain, nothing to capture.
+            return;
+        }
         let started = Instant::now();
-        let capture = self.capture(pid, event_time, Some(comm), None);
+        let capture = self.capture(pid, image, comm, None, true);
         self.counters
             .capture_ns
             .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         match capture {
             Some(capture) => {
                 self.counters.captures.fetch_add(1, Ordering::Relaxed);
+                if matches!(image, Image::Forked(_)) {
+                    self.counters.forks_captured.fetch_add(1, Ordering::Relaxed);
+                }
+                if self.captured.len() >= MAX_FRESH {
+                    // Exits missed (a full ring): start over rather than grow.
+                    self.captured.clear();
+                }
+                self.captured.insert(pid, capture.start_ticks);
                 if capture.maps.as_ref().is_some_and(loader_only) {
                     self.recapture.push((
                         Instant::now() + RECAPTURE_AFTER,
                         pid,
-                        event_time,
+                        image,
                         capture.facts.clone(),
                     ));
                 }
-                self.send(capture);
+                self.outbox.push(ProcessEvent::Captured(Arc::new(capture)));
             }
             None => {
                 self.counters
@@ -316,21 +401,20 @@ impl State {
         self.explicit.remove(&event.pid);
         self.recapture.retain(|&(_, pid, ..)| pid != event.pid);
         self.fresh.remove(&event.pid);
-        let exit = ProcessEvent::Exit {
+        self.captured.remove(&event.pid);
+        // After the captures of the same read, in order.
+        self.outbox.push(ProcessEvent::Exit {
             pid: event.pid,
             time_ns: event.time_ns,
-        };
-        if let Err(TrySendError::Full(_)) = self.events.try_send(exit) {
-            self.counters
-                .captures_dropped
-                .fetch_add(1, Ordering::Relaxed);
-        }
+        });
     }
 
     fn send(&self, capture: Capture) {
-        if let Err(TrySendError::Full(_)) =
-            self.events.try_send(ProcessEvent::Exec(Arc::new(capture)))
-        {
+        self.deliver(ProcessEvent::Captured(Arc::new(capture)));
+    }
+
+    fn deliver(&self, event: ProcessEvent) {
+        if let Err(TrySendError::Full(_)) = self.events.try_send(event) {
             self.counters
                 .captures_dropped
                 .fetch_add(1, Ordering::Relaxed);
@@ -406,13 +490,16 @@ impl State {
     }
 
     /// Reads what symbolization needs of `pid`, and the metadata facts
-    /// unless `facts` has them already; `None` when it is gone.
+    /// unless `facts` has them already or `facts_later` (then
+    /// [`State::flush`] reads them); `None` when it is gone. `comm`: the
+    /// name, if known (else read from /proc).
     fn capture(
         &mut self,
         pid: u32,
-        exec_ns: u64,
+        image: Image,
         comm: Option<String>,
         facts: Option<Arc<Facts>>,
+        facts_later: bool,
     ) -> Option<Capture> {
         let start_ticks = start_time(pid);
         let maps = ProcMaps::read(pid).ok().filter(|m| !m.is_empty())?;
@@ -461,28 +548,91 @@ impl State {
             };
             files.push((*key, file));
         }
-        let facts = match (facts, &mut self.facts) {
-            (Some(facts), _) => Some(facts),
-            (None, Some(reader)) => {
-                let started = Instant::now();
-                let facts = reader.read(pid, &name, executable.as_deref());
-                self.counters
-                    .facts_ns
-                    .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                Some(Arc::new(facts))
-            }
-            (None, None) => None,
-        };
-        Some(Capture {
+        let mut capture = Capture {
             pid,
-            exec_ns,
+            image,
             start_ticks,
             name,
             executable,
             maps: Some(maps),
             files,
             facts,
-        })
+        };
+        if !facts_later {
+            self.read_facts(&mut capture);
+        }
+        Some(capture)
+    }
+
+    /// Reads the metadata facts of `capture` if it has none and they are
+    /// asked for.
+    fn read_facts(&mut self, capture: &mut Capture) {
+        let Some(reader) = &mut self.facts else {
+            return;
+        };
+        if capture.facts.is_some() {
+            return;
+        }
+        let started = Instant::now();
+        let facts = reader.read(capture.pid, &capture.name, capture.executable.as_deref());
+        capture.facts = Some(Arc::new(facts));
+        self.counters
+            .facts_ns
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// After the events of one read: the metadata facts of the captures
+    /// taken for them, read once every new image's mappings are (a burst
+    /// of short-lived processes can exit while earlier captures read
+    /// their facts, ~100 µs each), then the captures and exits sent in
+    /// the order their events came.
+    fn flush(&mut self) {
+        if self.outbox.is_empty() {
+            return;
+        }
+        let mut outbox = std::mem::take(&mut self.outbox);
+        for out in &mut outbox {
+            let ProcessEvent::Captured(capture) = out else {
+                continue;
+            };
+            let Some(capture) = Arc::get_mut(capture) else {
+                continue;
+            };
+            if capture.facts.is_some() || self.facts.is_none() {
+                continue;
+            }
+            let started = Instant::now();
+            self.read_facts(capture);
+            self.counters
+                .capture_ns
+                .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            // A second capture keeps the first's facts.
+            for (_, pid, image, facts) in &mut self.recapture {
+                if *pid == capture.pid && *image == capture.image && facts.is_none() {
+                    facts.clone_from(&capture.facts);
+                }
+            }
+        }
+        for out in outbox {
+            self.deliver(out);
+        }
+    }
+
+    /// Marks the processes running now as reported in the kernel: they
+    /// are read from /proc at drain, not captured at their first sample.
+    fn mark_running(&mut self) {
+        let started = Instant::now();
+        let mut marked = 0usize;
+        for pid in running_pids() {
+            match self.maps.reported.insert(pid, 1, 0) {
+                Ok(()) => marked += 1,
+                Err(error) => {
+                    debug!(pid, %error, "cannot mark a running process reported");
+                    break;
+                }
+            }
+        }
+        debug!(marked, took = ?started.elapsed(), "running processes marked reported");
     }
 
     fn keep_file(&mut self, key: FileKey, file: Arc<File>) {
@@ -496,8 +646,24 @@ impl State {
     }
 }
 
-/// Only the executable, its interpreter and the vDSO are mapped: the
-/// dynamic loader has not mapped the libraries yet.
+/// The kind of the first exec or exit of `pid` among `later` events.
+fn next_change(pid: u32, later: &[RawEvent]) -> Option<u32> {
+    later
+        .iter()
+        .find(|e| e.pid == pid && e.kind != PROCESS_EVENT_SAMPLED)
+        .map(|e| e.kind)
+}
+
+/// The pids of /proc.
+fn running_pids() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
 /// Waits until the ring has data the kernel woke us for, or `timeout`.
 fn wait_readable(fd: RawFd, timeout: Duration) {
     let mut pollfd = libc::pollfd {
@@ -510,6 +676,8 @@ fn wait_readable(fd: RawFd, timeout: Duration) {
     unsafe { libc::poll(&mut pollfd, 1, ms) };
 }
 
+/// Only the executable, its interpreter and the vDSO are mapped: the
+/// dynamic loader has not mapped the libraries yet.
 fn loader_only(maps: &ProcMaps) -> bool {
     let mut files = maps.entries().iter().filter_map(|e| match &e.backing {
         Backing::File { path, .. } => Some(path),
@@ -531,6 +699,26 @@ fn comm(raw: &[u8; 16]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_capture_is_skipped_when_a_later_event_of_the_read_changes_the_process() {
+        let event = |kind, pid| RawEvent {
+            kind,
+            pid,
+            time_ns: 0,
+            comm: [0; 16],
+        };
+        let later = [
+            event(PROCESS_EVENT_SAMPLED, 7),
+            event(PROCESS_EVENT_EXIT, 8),
+            event(PROCESS_EVENT_EXEC, 7),
+            event(PROCESS_EVENT_EXIT, 7),
+        ];
+        assert_eq!(next_change(7, &later), Some(PROCESS_EVENT_EXEC));
+        assert_eq!(next_change(8, &later), Some(PROCESS_EVENT_EXIT));
+        assert_eq!(next_change(9, &later), None);
+        assert_eq!(next_change(7, &later[..2]), None);
+    }
 
     #[test]
     fn a_process_with_only_its_loader_is_captured_again() {

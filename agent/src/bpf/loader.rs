@@ -225,6 +225,8 @@ impl Sampler {
         };
         let ring = RingBuf::try_from(take_map(&mut ebpf, names::PROCESS_EVENTS)?)
             .map_err(map_error(names::PROCESS_EVENTS))?;
+        let reported = BpfHashMap::try_from(take_map(&mut ebpf, names::REPORTED_PROCS)?)
+            .map_err(map_error(names::REPORTED_PROCS))?;
         let (events_tx, process_events) = std::sync::mpsc::sync_channel(events::MAX_PENDING);
         let (filter_updates, updates_rx) = std::sync::mpsc::channel();
         let events = EventThread::spawn(
@@ -232,6 +234,7 @@ impl Sampler {
                 ring,
                 pids,
                 cgroups,
+                reported,
             },
             filter,
             opts.capture_facts,
