@@ -3,9 +3,9 @@
 //!
 //! The load is the ping_pong fixture (two threads bouncing a byte over two
 //! pipes as fast as they can, so every hop is a context switch) next to two
-//! busy cpu_split processes, which keep both CPUs busy so that every
-//! ping-pong wake-up competes with them. ping_pong is pinned to one CPU (see
-//! [`pinned_to_one_cpu`]). Each round runs ping_pong once per
+//! busy cpu_split processes, which keep the other CPUs busy (on a single
+//! CPU they share it). ping_pong is pinned to one CPU (see [`pinned`]).
+//! Each round runs ping_pong once per
 //! configuration:
 //!
 //! - no profiler;
@@ -159,9 +159,21 @@ pub fn bench(hearth: &Path, dir: &Path) -> Result<()> {
 
     // Whatever happens below, the workload is killed and bpf_stats put back.
     let mut cleanup = Cleanup(Vec::new());
+    let (cpus, ping_pong_cpu) = cpu_plan()?;
+    let others: Vec<usize> = cpus
+        .iter()
+        .copied()
+        .filter(|&c| c != ping_pong_cpu)
+        .collect();
+    // On a single CPU the workload shares it with ping_pong.
+    let busy_cpus = if others.is_empty() {
+        cpus.clone()
+    } else {
+        others
+    };
     for _ in 0..BUSY_PROCESSES {
         cleanup.0.push(
-            Command::new(&workload)
+            pinned(&workload, &busy_cpus)
                 .arg("3600")
                 .spawn()
                 .context("starting the cpu_split workload")?,
@@ -228,7 +240,8 @@ fn measure_round(
     };
 
     let before = Snapshot::take(agent.as_ref())?;
-    let output = pinned_to_one_cpu(ping_pong)?
+    let (_, ping_pong_cpu) = cpu_plan()?;
+    let output = pinned(ping_pong, &[ping_pong_cpu])
         .arg(ROUND.as_secs_f64().to_string())
         .stderr(Stdio::inherit())
         .output()
@@ -265,13 +278,8 @@ fn measure_round(
     })
 }
 
-/// A command running `program` on one CPU (the last this process may use).
-///
-/// ping_pong runs pinned so that both its threads share a CPU and every hop
-/// is a direct switch between them. Left to the scheduler, whether they
-/// share a CPU changes from run to run, and the throughput by 2–3× with it,
-/// which pairing rounds cannot cancel.
-fn pinned_to_one_cpu(program: &Path) -> Result<Command> {
+/// The CPUs this process may run on, and the one ping_pong gets (the last).
+fn cpu_plan() -> Result<(Vec<usize>, usize)> {
     let size = std::mem::size_of::<libc::cpu_set_t>();
     // SAFETY: cpu_set_t is plain data; all zeroes is the empty set.
     let mut allowed: libc::cpu_set_t = unsafe { std::mem::zeroed() };
@@ -279,14 +287,31 @@ fn pinned_to_one_cpu(program: &Path) -> Result<Command> {
     if unsafe { libc::sched_getaffinity(0, size, &mut allowed) } != 0 {
         return Err(std::io::Error::last_os_error()).context("reading this process's CPU affinity");
     }
-    let cpu = (0..libc::CPU_SETSIZE as usize)
+    let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
         // SAFETY: `cpu` is below CPU_SETSIZE, the capacity of the set.
-        .rfind(|&cpu| unsafe { libc::CPU_ISSET(cpu, &allowed) })
-        .context("this process may run on no CPU")?;
-    // SAFETY: as above.
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &allowed) })
+        .collect();
+    let last = *cpus.last().context("this process may run on no CPU")?;
+    Ok((cpus, last))
+}
+
+/// A command running `program` on `cpus` only.
+///
+/// ping_pong runs on one CPU so that both its threads share it and every
+/// hop is a direct switch between them. Left to the scheduler, whether they
+/// share a CPU changes from run to run, and the throughput by 2–3× with it,
+/// which pairing rounds cannot cancel. The busy workload runs on the other
+/// CPUs: sharing ping_pong's CPU with it made each run's throughput depend
+/// on how the scheduler split that CPU (±40% from round to round), which
+/// drowned the profiler's few percent.
+fn pinned(program: &Path, cpus: &[usize]) -> Command {
+    let size = std::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: as in `cpu_plan`.
     let mut only: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    unsafe { libc::CPU_SET(cpu, &mut only) };
+    for &cpu in cpus {
+        // SAFETY: CPUs from `cpu_plan` are below CPU_SETSIZE.
+        unsafe { libc::CPU_SET(cpu, &mut only) };
+    }
     let mut cmd = Command::new(program);
     // SAFETY: between fork and exec the closure only makes one system call,
     // which is async-signal-safe, on data prepared before the fork.
@@ -298,7 +323,7 @@ fn pinned_to_one_cpu(program: &Path) -> Result<Command> {
             Ok(())
         });
     }
-    Ok(cmd)
+    cmd
 }
 
 /// `round_trips <N>` and `seconds <S>` from ping_pong's output.
@@ -641,10 +666,11 @@ fn report(results: &[Vec<RoundResult>]) -> String {
     let mut out = format!(
         "Host-wide `hearth record --off-cpu` against a pipe ping-pong (ping_pong fixture: two \
          threads of one process bouncing a byte over two pipes as fast as they can) on {cpus} \
-         CPUs kept busy by {BUSY_PROCESSES} cpu_split processes; kernel {}. ping_pong is \
-         pinned to one CPU, so every hop is a direct switch between its two threads (left to \
-         the scheduler, whether they share a CPU varies from run to run and changes the \
-         throughput 2–3×).\n\n\
+         CPUs, with {BUSY_PROCESSES} cpu_split processes busy on the CPUs other than \
+         ping_pong's; kernel {}. ping_pong is pinned to one CPU, so every hop is a direct \
+         switch between its two threads (left to the scheduler, whether they share a CPU \
+         varies from run to run and changes the throughput 2–3×; sharing its CPU with the \
+         busy processes made it swing ±40% from round to round).\n\n\
          - {ROUNDS} rounds, each running ping_pong for {} s once per configuration, in an \
          order rotating from round to round. The agent attaches, runs {} s, then ping_pong \
          runs; the agent is stopped with SIGINT after.\n\
