@@ -7,12 +7,13 @@
 //! whose exec was not seen is read from /proc under its start time (the
 //! pipeline resolves it once per window). Processes that exited before we
 //! looked are named after the thread name the kernel recorded with the
-//! sample. Container, environment and ids come from the capture when it
-//! read them (at the image's first sample, so a process that lived less
-//! than a drain interval keeps its container, pod and service attributes,
-//! and the drain does not read them again); otherwise they are read from
-//! /proc only while the pid still belongs to the same process, never from
-//! a reused pid. Either way the pod is looked up at drain, and again
+//! sample. Container, environment and ids are read from /proc at drain
+//! while the pid still belongs to the same process (never from a reused
+//! pid: a process can be moved into its container's cgroup after its
+//! capture, so the living process is read again); once it is gone, they
+//! come from the capture if it read them (at the image's first sample, so
+//! a process that lived less than a drain interval keeps its container,
+//! pod and service attributes). Either way the pod is looked up at drain, and again
 //! while it is not found ([`MetadataResolver::refresh`]).
 
 use std::collections::HashMap;
@@ -80,34 +81,32 @@ impl ProcessTable {
             _ => Process::new(key.pid, thread_comm, None),
         };
         let executable = process.executable.clone();
+        // /proc/<pid> still shows this process (not a successor on a
+        // reused pid) when its start time is the one the key or capture
+        // has.
+        let now = start_time(key.pid);
+        let same_process = now.is_some()
+            && match key.image {
+                Image::Started(ticks) => now == Some(ticks),
+                Image::Exec(_) | Image::Forked(_) => capture.and_then(|c| c.start_ticks) == now,
+                Image::Unknown => false,
+            };
         let captured = match key.image {
             Image::Exec(_) | Image::Forked(_) => capture.and_then(|c| c.facts.clone()),
             _ => None,
         };
         let resolved = match captured {
-            // Read while it ran: alive or not now, nothing to read again.
-            Some(facts) => self.metadata.compose(facts),
-            None => {
-                // /proc/<pid> still shows this process (not a successor
-                // on a reused pid) when its start time is the one the key
-                // or capture has.
-                let now = start_time(key.pid);
-                let same_process = now.is_some()
-                    && match key.image {
-                        Image::Started(ticks) => now == Some(ticks),
-                        Image::Exec(_) | Image::Forked(_) => {
-                            capture.and_then(|c| c.start_ticks) == now
-                        }
-                        Image::Unknown => false,
-                    };
-                if same_process {
-                    self.metadata
-                        .resolve(key.pid, &process.name, executable.as_deref())
-                } else {
-                    self.metadata
-                        .resolve_gone(&process.name, executable.as_deref())
-                }
+            // While it lives, /proc is read now: a process can be moved
+            // into its container's cgroup after it started (and after its
+            // capture). The facts read at capture serve once it is gone.
+            _ if same_process => {
+                self.metadata
+                    .resolve(key.pid, &process.name, executable.as_deref())
             }
+            Some(facts) => self.metadata.compose(facts),
+            None => self
+                .metadata
+                .resolve_gone(&process.name, executable.as_deref()),
         };
         process.metadata = resolved.metadata.clone();
         self.entries.insert(
