@@ -678,6 +678,14 @@ fn filtered_in_kernel(stderr: &str) -> u64 {
     stderr[start..end].parse().unwrap_or(0)
 }
 
+/// Pods of the filter test: ids no other test's cgroups use, so only its
+/// own cgroups can match its rules.
+const FILTER_UID_CART: &str = "7e8f9a0b-1c2d-4e3f-8a4b-5c6d7e8f9a0b";
+const FILTER_ID_CART: &str = "7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a";
+const FILTER_ID_SIDECAR: &str = "9c9c9c9c9c9c9c9c9c9c9c9c9c9c9c9c9c9c9c9c9c9c9c9c9c9c9c9c9c9c9c9c";
+const FILTER_UID_AGENT: &str = "8f9a0b1c-2d3e-4f5a-9b6c-7d8e9f0a1b2c";
+const FILTER_ID_AGENT: &str = "8b8b8b8b8b8b8b8b8b8b8b8b8b8b8b8b8b8b8b8b8b8b8b8b8b8b8b8b8b8b8b8b";
+
 /// Pod filters: `--exclude-namespace` leaves a namespace's pods out and
 /// `--include-pod-selector` samples only the pods a selector picks. The
 /// pods come from a fake API server, their containers are real cgroups
@@ -690,18 +698,24 @@ fn namespace_and_pod_selector_filters() {
     let exe = build_c_fixture("cpu_split", FRAME_POINTER_FLAGS, &dir);
     let mut cgroups = Cgroups::new("podfilter");
     let node = format!("filter-node-{}", std::process::id());
-    let cart_cg = cgroups.create("unified", &containerd_systemd_path(UID_A, ID_A));
-    let agent_cg = cgroups.create("unified", &cgroupfs_path(UID_B, ID_B));
+    let cart_cg = cgroups.create(
+        "unified",
+        &containerd_systemd_path(FILTER_UID_CART, FILTER_ID_CART),
+    );
+    let agent_cg = cgroups.create("unified", &cgroupfs_path(FILTER_UID_AGENT, FILTER_ID_AGENT));
     let api = FakeApi::start(true);
     api.apply(&pod_from_fixture(
         "pod-cart.json",
         &node,
-        UID_A,
-        &[("${CONTAINER_ID}", ID_A), ("${SIDECAR_ID}", ID_C)],
+        FILTER_UID_CART,
+        &[
+            ("${CONTAINER_ID}", FILTER_ID_CART),
+            ("${SIDECAR_ID}", FILTER_ID_SIDECAR),
+        ],
     ));
-    let mut agent_pod = pod_from_fixture("pod-node-agent.json", &node, UID_B, &[]);
+    let mut agent_pod = pod_from_fixture("pod-node-agent.json", &node, FILTER_UID_AGENT, &[]);
     agent_pod["status"]["containerStatuses"][0]["containerID"] =
-        serde_json::Value::String(format!("cri-o://{ID_B}"));
+        serde_json::Value::String(format!("cri-o://{FILTER_ID_AGENT}"));
     api.apply(&agent_pod);
 
     let cart = Fixture::spawn(&exe, &["30"]);
@@ -768,10 +782,16 @@ fn namespace_and_pod_selector_filters() {
     );
     let kept_cart = sample_count(&profile, cart.pid());
     assert!(kept_cart > 20, "{kept_cart} cart samples\n{stderr}");
+    let sampled_pids: std::collections::BTreeSet<u32> = profile
+        .samples
+        .iter()
+        .map(|s| profile.process(s.process).pid)
+        .collect();
     assert_eq!(
         kept_cart,
         profile.total_count(),
-        "only the selected pod's process is sampled\n{stderr}"
+        "only the selected pod's process ({}) is sampled, not {sampled_pids:?}\n{stderr}",
+        cart.pid()
     );
     assert!(
         filtered as f64 >= kept_cart as f64,
