@@ -23,6 +23,8 @@ pub mod names {
     /// Global: a switch-out is followed when `bpf_get_prandom_u32()` is
     /// below this; `u32::MAX` follows every switch.
     pub const OFF_CPU_SAMPLE_BELOW: &str = "OFF_CPU_SAMPLE_BELOW";
+    /// Global: the cap on followed switch-outs per second per CPU; 0: none.
+    pub const OFF_CPU_MAX_RATE: &str = "OFF_CPU_MAX_RATE";
     /// Global: non-zero when `off_cpu_syscall_exit` is attached (the
     /// kernel has no `rseq_update` tracepoint); see agent-ebpf's off_cpu.rs.
     pub const OFF_CPU_SYSCALL_EXIT: &str = "OFF_CPU_SYSCALL_EXIT";
@@ -75,10 +77,10 @@ pub const CONTROL_ACTIVE_WINDOW: u32 = 0;
 /// the off-CPU programs are attached. Per-thread state written under
 /// another epoch (before a stop) is ignored, so no wait spans a detach.
 pub const CONTROL_OFF_CPU_EPOCH: u32 = 1;
-/// Index into `CONTROL`: woken threads whose wait is recorded at their
-/// system call's exit (kept by the kernel programs). While it is 0 the
-/// system-call-exit program returns at once; userspace resets it with the
-/// epoch.
+/// Index into `CONTROL`: woken threads whose wait is recorded when they
+/// return to user mode or from their system call (kept by the kernel
+/// programs, for the accounting of waits; a thread that exits or execs
+/// first leaves its wait counted). Userspace resets it with the epoch.
 pub const CONTROL_OFF_CPU_PENDING: u32 = 2;
 pub const CONTROL_ENTRIES: u32 = 3;
 
@@ -214,7 +216,8 @@ pub enum Stat {
     OffCpuIdle,
     /// The outgoing process is excluded by the pid filter.
     OffCpuFiltered,
-    /// The outgoing thread was left out by the sampling probability.
+    /// The outgoing thread was left out by the sampling probability or the
+    /// rate cap (the waits followed are scaled up for it).
     OffCpuUnsampled,
     /// The outgoing task was exiting (its last switch).
     OffCpuExiting,

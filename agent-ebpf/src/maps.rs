@@ -138,6 +138,12 @@ pub static OFF_CPU_MIN_NS: u64 = 1_000_000;
 #[unsafe(no_mangle)]
 pub static OFF_CPU_SAMPLE_BELOW: u32 = u32::MAX;
 
+/// Above this many followed switch-outs per second on a CPU, switch-outs
+/// there are followed with the probability that keeps to it, and each wait
+/// followed stands for the inverse of that probability; 0: no cap.
+#[unsafe(no_mangle)]
+pub static OFF_CPU_MAX_RATE: u64 = 0;
+
 /// Non-zero when `sys_exit` is attached to record the waits of threads
 /// blocked in system calls; zero when they all come back through
 /// `rseq_update` or are walked eagerly (see off_cpu.rs).
@@ -220,6 +226,11 @@ pub fn off_cpu_min_ns() -> u64 {
 #[inline(always)]
 pub fn off_cpu_sample_below() -> u32 {
     unsafe { core::ptr::read_volatile(&OFF_CPU_SAMPLE_BELOW) }
+}
+
+#[inline(always)]
+pub fn off_cpu_max_rate() -> u64 {
+    unsafe { core::ptr::read_volatile(&OFF_CPU_MAX_RATE) }
 }
 
 #[inline(always)]

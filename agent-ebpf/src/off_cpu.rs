@@ -38,6 +38,17 @@
 //! than the rest of the off-CPU programs, which is why `rseq_update` is
 //! preferred wherever it exists.
 //!
+//! Cost controls. On a CPU switching more than `OFF_CPU_MAX_RATE` times a
+//! second, a switch-out is followed only with the probability that keeps
+//! to that rate (measured per CPU over [`RATE_WINDOW_NS`]), and the time of
+//! each wait followed is scaled up by the inverse of that probability here,
+//! so every consumer sees honest totals. A switch not followed costs a
+//! random number and a counter: no clock read, no task storage, and the
+//! incoming thread's storage is looked up only to see that it has no wait
+//! started. `rseq_update` (and `sys_exit`) look at their thread only when
+//! a per-CPU slot names it: the thread last switched in there with a wait
+//! pending, or whose use of restartable sequences is not known yet.
+//!
 //! Per-thread state lives in task storage rather than in a hash map keyed
 //! by thread: no hashing, no bucket lock, nothing to delete on wake-up, and
 //! the kernel frees it when the thread exits. On the benchmark's VM, where
@@ -50,7 +61,8 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task_btf,
         bpf_get_prandom_u32, bpf_ktime_get_ns, generated::bpf_get_task_stack,
     },
-    macros::{btf_map, btf_tracepoint},
+    macros::{btf_map, btf_tracepoint, map},
+    maps::PerCpuArray,
     programs::BtfTracePointContext,
 };
 use hearth_ebpf::{
@@ -59,7 +71,7 @@ use hearth_ebpf::{
 };
 
 use crate::maps::{
-    add, add_count, control, control_add, count, filtered_out, off_cpu_min_ns,
+    add, add_count, control, control_add, count, filtered_out, off_cpu_max_rate, off_cpu_min_ns,
     off_cpu_sample_below, store_stack, syscall_exit_attached, with_window, TaskStorage, Window,
     SCRATCH_STACK, SCRATCH_SWITCH_KERNEL, SCRATCH_SWITCH_USER, SCRATCH_SYSCALL_EXIT,
 };
@@ -84,6 +96,9 @@ const WAIT_USER_MODE: u32 = 1 << 3;
 /// [`ThreadState::thread_flags`]: the thread uses restartable sequences,
 /// so `rseq_update` runs each time it returns to user mode after a switch.
 const THREAD_RSEQ: u64 = 1 << 0;
+/// [`ThreadState::thread_flags`]: [`ThreadState::pending`] holds a wait
+/// (kept next to the start, so a switch-in reads one cache line).
+const THREAD_PENDING: u64 = 1 << 1;
 
 /// One wait of a thread.
 #[repr(C)]
@@ -97,7 +112,10 @@ struct Wait {
     /// `WAIT_*` bits.
     flags: u32,
     /// The system call it blocked in (`WAIT_IN_SYSCALL`).
-    syscall: i64,
+    syscall: i32,
+    /// Started: the bound its switch-out was followed under (see
+    /// [`sample_switch_out`]); the time is scaled up by its inverse.
+    follow_below: u32,
     /// User stack walked when it left the CPU; 0: none.
     user_stack: u64,
     /// Pending: the kernel stack it blocked in; 0: none.
@@ -124,21 +142,69 @@ struct ThreadState {
 #[btf_map]
 static OFF_CPU_THREADS: TaskStorage<ThreadState> = TaskStorage::new();
 
+/// How long a CPU's switch-out rate is measured before the share followed
+/// is set again.
+const RATE_WINDOW_NS: u64 = 100_000_000;
+/// Longer windows (a CPU that was idle) count as this long.
+const RATE_WINDOW_MAX_NS: u64 = 10_000_000_000;
+/// While the cap applies, the clock is read for the window only every this
+/// many switch-outs (a power of two) or at a followed one.
+const RATE_CHECK_EVERY: u64 = 64;
+
+/// Per CPU: switch-outs that could be followed in the current window, and
+/// the share followed, set from the window before.
+#[repr(C)]
+struct FollowRate {
+    window_start_ns: u64,
+    switch_outs: u64,
+    /// A switch-out is followed when a random u32 is below this; 0: the
+    /// cap does not apply, every one is.
+    capped_below: u32,
+    /// State of [`next_random`]; 0: not seeded yet.
+    random: u32,
+}
+
+#[map]
+static OFF_CPU_RATE: PerCpuArray<FollowRate> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per CPU: the thread `rseq_update` or `sys_exit` should look at when it
+/// runs there next, 0: none. Set when a thread is switched in with a wait
+/// pending, or after a wait when it is not known whether it uses
+/// restartable sequences. A thread runs on the CPU it was switched in on
+/// until it leaves it again, and is named again at its next switch-in, so
+/// no wait is missed; and unlike a global count of pending waits, a
+/// thread that exits or execs with one pending leaves nothing behind.
+#[map]
+static OFF_CPU_CHECK_TID: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// `bpf_ktime_get_ns`, read at most once per program run and only when
+/// needed: it costs as much as the rest of a skipped switch.
+struct Clock(u64);
+
+impl Clock {
+    #[inline(always)]
+    fn now(&mut self) -> u64 {
+        if self.0 == 0 {
+            // SAFETY: no preconditions.
+            self.0 = unsafe { bpf_ktime_get_ns() };
+        }
+        self.0
+    }
+}
+
 /// `sched_switch(bool preempt, struct task_struct *prev,
 ///               struct task_struct *next, unsigned int prev_state)`
 #[btf_tracepoint(function = "sched_switch")]
 pub fn off_cpu_switch(ctx: BtfTracePointContext) -> u32 {
     count(Stat::OffCpuSwitches);
-    let epoch = control(CONTROL_OFF_CPU_EPOCH);
     // One clock read serves both threads: one left the CPU when the other
     // got it.
-    // SAFETY: no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    match try_switch_out(&ctx, epoch, now) {
+    let mut clock = Clock(0);
+    match try_switch_out(&ctx, &mut clock) {
         Ok(()) => count(Stat::OffCpuStarted),
         Err(stat) => count(stat),
     }
-    if let Err(stat) = try_switch_in(&ctx, epoch, now) {
+    if let Err(stat) = try_switch_in(&ctx, &mut clock) {
         count(stat);
     }
     0
@@ -148,7 +214,7 @@ pub fn off_cpu_switch(ctx: BtfTracePointContext) -> u32 {
 /// `rseq_update` is missing.
 #[btf_tracepoint(function = "sys_exit")]
 pub fn off_cpu_syscall_exit(_ctx: BtfTracePointContext) -> u32 {
-    if control(CONTROL_OFF_CPU_PENDING) == 0 {
+    if !check_due() {
         return 0;
     }
     match try_record_pending(true) {
@@ -167,6 +233,11 @@ pub fn off_cpu_syscall_exit(_ctx: BtfTracePointContext) -> u32 {
 /// read; elsewhere such threads are walked eagerly when they leave the CPU.
 #[btf_tracepoint(function = "rseq_update")]
 pub fn off_cpu_rseq_return(_ctx: BtfTracePointContext) -> u32 {
+    // Runs after nearly every switch of the host, and most runs have
+    // nothing to do.
+    if !check_due() {
+        return 0;
+    }
     match try_record_pending(false) {
         Ok(true) => count(Stat::OffCpuRecorded),
         Ok(false) => {}
@@ -175,7 +246,119 @@ pub fn off_cpu_rseq_return(_ctx: BtfTracePointContext) -> u32 {
     0
 }
 
-fn try_switch_out(ctx: &BtfTracePointContext, epoch: u32, now: u64) -> Result<(), Stat> {
+/// Names `tid` in this CPU's [`OFF_CPU_CHECK_TID`].
+#[inline(always)]
+fn check_later(tid: u32) {
+    if let Some(slot) = OFF_CPU_CHECK_TID.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot; the programs do not interrupt one another.
+        unsafe { *slot = tid };
+    }
+}
+
+/// Whether the current thread is the one [`OFF_CPU_CHECK_TID`] names
+/// here; the slot is cleared then.
+#[inline(always)]
+fn check_due() -> bool {
+    let Some(slot) = OFF_CPU_CHECK_TID.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: per-CPU slot; the programs do not interrupt one another.
+    let slot = unsafe { &mut *slot };
+    if *slot == 0 || *slot != bpf_get_current_pid_tgid() as u32 {
+        return false;
+    }
+    *slot = 0;
+    true
+}
+
+/// Whether the current switch-out is followed: the bound a random u32
+/// fell under (which sets the wait's weight), or `OffCpuUnsampled`. It is
+/// decided before anything else, the thread's ids included: a switch not
+/// followed should cost no helper call, and each costs more here than the
+/// rest of such a switch. So while sampling, the rate counts, and the
+/// sample draws from, every switch-out of the CPU, the idle task's and
+/// filtered processes' as well.
+#[inline(always)]
+fn sample_switch_out(clock: &mut Clock) -> Result<u32, Stat> {
+    let fixed = off_cpu_sample_below();
+    let max_rate = off_cpu_max_rate();
+    if max_rate == 0 && fixed == u32::MAX {
+        return Ok(u32::MAX);
+    }
+    let Some(rate) = OFF_CPU_RATE.get_ptr_mut(0) else {
+        return Ok(fixed);
+    };
+    // SAFETY: per-CPU slot; the programs do not interrupt one another.
+    let rate = unsafe { &mut *rate };
+    let mut below = fixed;
+    if max_rate != 0 {
+        rate.switch_outs += 1;
+        if rate.capped_below == 0 || rate.switch_outs & (RATE_CHECK_EVERY - 1) == 0 {
+            next_rate_window(rate, clock.now(), max_rate);
+        }
+        if rate.capped_below != 0 && rate.capped_below < below {
+            below = rate.capped_below;
+        }
+    }
+    if below != u32::MAX && next_random(rate) >= below {
+        return Err(Stat::OffCpuUnsampled);
+    }
+    Ok(below)
+}
+
+/// Marsaglia's xorshift32 on the CPU's own state, seeded from the
+/// kernel's generator: good enough to pick switches, and no helper call.
+#[inline(always)]
+fn next_random(rate: &mut FollowRate) -> u32 {
+    let mut x = rate.random;
+    if x == 0 {
+        // SAFETY: no preconditions.
+        x = unsafe { bpf_get_prandom_u32() } | 1;
+    }
+    x ^= x << 13;
+    x ^= x >> 17;
+    x ^= x << 5;
+    rate.random = x;
+    x
+}
+
+/// Once a window is over, sets the share followed in the next from its
+/// switch-out rate: all of them up to `max_rate` a second, fewer above.
+#[inline(always)]
+fn next_rate_window(rate: &mut FollowRate, now: u64, max_rate: u64) {
+    let elapsed = now.wrapping_sub(rate.window_start_ns);
+    if elapsed < RATE_WINDOW_NS {
+        return;
+    }
+    // At most 10^7 a second (userspace caps it) × 10^10 ns: no overflow.
+    let allowed = max_rate * elapsed.min(RATE_WINDOW_MAX_NS) / 1_000_000_000;
+    rate.capped_below = if rate.switch_outs <= allowed || allowed >= 1 << 32 {
+        0
+    } else {
+        // allowed < switch_outs, so the quotient is below 2^32.
+        ((allowed << 32) / rate.switch_outs).max(1) as u32
+    };
+    rate.window_start_ns = now;
+    rate.switch_outs = 0;
+}
+
+/// `blocked_ns` of a wait followed with probability `follow_below` / 2^32,
+/// scaled up by its inverse.
+#[inline(always)]
+fn scale_up(blocked_ns: u64, follow_below: u32) -> u64 {
+    if follow_below == u32::MAX || follow_below == 0 {
+        return blocked_ns;
+    }
+    let below = follow_below as u64;
+    let whole = blocked_ns / below;
+    if whole >= 1 << 32 {
+        return u64::MAX;
+    }
+    (whole << 32) + ((blocked_ns % below) << 32) / below
+}
+
+fn try_switch_out(ctx: &BtfTracePointContext, clock: &mut Clock) -> Result<(), Stat> {
+    let below = sample_switch_out(clock)?;
     let preempt: u64 = ctx.arg(0);
     let prev_state: u64 = ctx.arg(3);
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -190,18 +373,14 @@ fn try_switch_out(ctx: &BtfTracePointContext, epoch: u32, now: u64) -> Result<()
     if filtered_out(tgid) {
         return Err(Stat::OffCpuFiltered);
     }
-    let below = off_cpu_sample_below();
-    // SAFETY: no preconditions.
-    if below != u32::MAX && unsafe { bpf_get_prandom_u32() } >= below {
-        return Err(Stat::OffCpuUnsampled);
-    }
     // SAFETY: no preconditions; a trusted task pointer.
     let task = unsafe { bpf_get_current_task_btf() };
     let mut wait = Wait {
-        time_ns: now,
-        epoch,
+        time_ns: clock.now(),
+        epoch: control(CONTROL_OFF_CPU_EPOCH),
         flags: 0,
         syscall: -1,
+        follow_below: below,
         user_stack: 0,
         blocked_stack: 0,
     };
@@ -230,7 +409,7 @@ fn try_switch_out(ctx: &BtfTracePointContext, epoch: u32, now: u64) -> Result<()
     match unsafe { task_user_regs(task) } {
         Some(regs) if regs.ip != 0 && regs.in_syscall() && syscall_exit_attached() => {
             wait.flags |= WAIT_IN_SYSCALL;
-            wait.syscall = regs.orig_ax;
+            wait.syscall = regs.orig_ax as i32;
         }
         // ip 0: a kernel thread, without user stack.
         Some(regs) if regs.ip != 0 => wait.user_stack = eager_user_stack(&regs),
@@ -266,34 +445,48 @@ fn eager_user_stack(regs: &UserRegs) -> u64 {
     }
 }
 
-fn try_switch_in(ctx: &BtfTracePointContext, epoch: u32, now: u64) -> Result<(), Stat> {
+fn try_switch_in(ctx: &BtfTracePointContext, clock: &mut Clock) -> Result<(), Stat> {
     let next: *mut task_struct = ctx.arg(2);
     // SAFETY: `next` is a trusted task pointer from the tracepoint.
     let Some(state) = (unsafe { OFF_CPU_THREADS.get(next, false) }) else {
         return Ok(());
     };
+    if state.thread_flags & THREAD_PENDING != 0 {
+        // Preempted on its way back to user mode: it gets there from here.
+        check_later(state.pid_tgid as u32);
+    }
     if state.started.epoch == 0 {
         return Ok(());
     }
     let mut wait = state.started;
     state.started.epoch = 0;
-    if wait.epoch != epoch {
+    if wait.epoch != control(CONTROL_OFF_CPU_EPOCH) {
         return Err(Stat::OffCpuStartStale);
     }
     count(Stat::OffCpuWoken);
+    if state.thread_flags & THREAD_RSEQ == 0 {
+        // Whether it comes back through `rseq_update` is learnt there.
+        check_later(state.pid_tgid as u32);
+    }
+    let now = clock.now();
     let blocked_ns = now.saturating_sub(wait.time_ns);
+    // The minimum is on the wait's own length; the time recorded stands
+    // for the waits not followed as well.
     if blocked_ns < off_cpu_min_ns() {
         count(Stat::OffCpuBelowMin);
-        add(Stat::OffCpuBelowMinNs, blocked_ns);
+        add(
+            Stat::OffCpuBelowMinNs,
+            scale_up(blocked_ns, wait.follow_below),
+        );
         return Ok(());
     }
-    wait.time_ns = blocked_ns;
+    wait.time_ns = scale_up(blocked_ns, wait.follow_below);
     if wait.flags & WAIT_REGS_READ == 0 {
         // SAFETY: `next` is a trusted task pointer.
         match unsafe { task_user_regs(next) } {
             Some(regs) if regs.ip != 0 && regs.in_syscall() => {
                 wait.flags |= WAIT_IN_SYSCALL;
-                wait.syscall = regs.orig_ax;
+                wait.syscall = regs.orig_ax as i32;
             }
             // In user mode (preempted there, or asleep in a page fault),
             // and back there through `rseq_update`.
@@ -333,6 +526,8 @@ fn try_switch_in(ctx: &BtfTracePointContext, epoch: u32, now: u64) -> Result<(),
 /// counted.
 #[inline(always)]
 fn defer(state: &mut ThreadState, wait: Wait) {
+    state.thread_flags |= THREAD_PENDING;
+    check_later(state.pid_tgid as u32);
     let parked = state.pending;
     if parked.epoch == wait.epoch {
         if parked.syscall == wait.syscall && parked.blocked_stack == wait.blocked_stack {
@@ -370,6 +565,7 @@ fn try_record_pending(in_syscall_exit: bool) -> Result<bool, Stat> {
         state.thread_flags |= THREAD_RSEQ;
     }
     if state.pending.epoch == 0 {
+        state.thread_flags &= !THREAD_PENDING;
         return Ok(false);
     }
     if in_syscall_exit && state.pending.flags & WAIT_IN_SYSCALL == 0 {
@@ -377,6 +573,7 @@ fn try_record_pending(in_syscall_exit: bool) -> Result<bool, Stat> {
     }
     let mut wait = state.pending;
     state.pending.epoch = 0;
+    state.thread_flags &= !THREAD_PENDING;
     if wait.epoch != control(CONTROL_OFF_CPU_EPOCH) {
         // Userspace reset the count when it changed the epoch.
         return Err(Stat::OffCpuPendingStale);
@@ -384,7 +581,7 @@ fn try_record_pending(in_syscall_exit: bool) -> Result<bool, Stat> {
     control_add(CONTROL_OFF_CPU_PENDING, u32::MAX);
     // SAFETY: the current task is a valid task pointer.
     let regs = unsafe { task_user_regs(task) }.ok_or(Stat::OffCpuPendingStale)?;
-    if wait.flags & WAIT_IN_SYSCALL != 0 && regs.orig_ax != wait.syscall {
+    if wait.flags & WAIT_IN_SYSCALL != 0 && regs.orig_ax != i64::from(wait.syscall) {
         return Err(Stat::OffCpuPendingStale);
     }
     // At a system call (or right after one, preempted on the way back):

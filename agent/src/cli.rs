@@ -22,7 +22,7 @@ pub struct Cli {
 pub enum Command {
     /// Profile the host (or some processes) once and write flame graph,
     /// pprof or folded files.
-    Record(RecordArgs),
+    Record(Box<RecordArgs>),
     /// Run continuously: sample every process, export each window over OTLP
     /// (`--otlp-endpoint`) or into the local store.
     Run(Box<crate::config::RunArgs>),
@@ -251,6 +251,13 @@ pub struct OffCpuArgs {
           value_parser = parse_probability)]
     pub off_cpu_sample: f64,
 
+    /// With --off-cpu/--wall: on a CPU switching more often than this per
+    /// second, fewer switches are followed, at random, to keep to it, and
+    /// recorded times are scaled up for the others; 0: no cap.
+    #[arg(long, default_value_t = crate::config::DEFAULT_OFF_CPU_MAX_RATE,
+          value_name = "PER_SECOND", value_parser = parse_off_cpu_max_rate)]
+    pub off_cpu_max_rate: u64,
+
     /// Take waits in system calls at `sys_exit`, as on kernels without the
     /// `rseq_update` tracepoint (for the benchmark of that fallback).
     #[arg(long, hide = true)]
@@ -284,6 +291,21 @@ pub fn parse_unwind_memory(text: &str) -> Result<u64, String> {
 }
 
 /// A probability in (0, 1].
+/// A cap on followed context switches per second per CPU; 0 for none.
+pub fn parse_off_cpu_max_rate(text: &str) -> Result<u64, String> {
+    let rate: u64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a whole number of switches per second"))?;
+    if rate > crate::config::MAX_OFF_CPU_MAX_RATE {
+        return Err(format!(
+            "{rate} is above {} (0 turns the cap off)",
+            crate::config::MAX_OFF_CPU_MAX_RATE
+        ));
+    }
+    Ok(rate)
+}
+
 pub fn parse_probability(text: &str) -> Result<f64, String> {
     let p: f64 = text
         .trim()

@@ -239,6 +239,13 @@ pub struct RunOptions {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub off_cpu_sample: Option<f64>,
 
+    /// On a CPU switching more often than this per second, fewer context
+    /// switches are followed, at random, and off-CPU times are scaled up
+    /// for the others; 0: no cap [default: 10000].
+    #[arg(long, env = "HEARTH_OFF_CPU_MAX_RATE", value_name = "PER_SECOND")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub off_cpu_max_rate: Option<u64>,
+
     /// How user stacks are unwound: `auto` (unwind tables for files built
     /// without frame pointers), `dwarf` (tables wherever there is call
     /// frame information) or `fp` (frame pointers only) [default: auto].
@@ -562,17 +569,35 @@ pub struct OffCpuConfig {
     pub min: Duration,
     /// Share of context switches followed, in (0, 1].
     pub sample_probability: f64,
+    /// Cap on followed switch-outs per second per CPU; 0: none.
+    pub max_rate: u64,
     /// Also export the wall-clock profile.
     pub wall: bool,
 }
+
+/// Followed context switches per second per CPU before the rate cap
+/// samples them. Following one costs about 0.3 µs here, so the cap bounds
+/// that part of the cost to about 0.3% of each CPU; a busy service
+/// switches less often than this and is followed completely.
+pub const DEFAULT_OFF_CPU_MAX_RATE: u64 = 10_000;
+/// The highest cap accepted (the kernel's arithmetic assumes it).
+pub const MAX_OFF_CPU_MAX_RATE: u64 = 10_000_000;
 
 impl Default for OffCpuConfig {
     fn default() -> Self {
         OffCpuConfig {
             min: Duration::from_millis(1),
             sample_probability: 1.0,
+            max_rate: DEFAULT_OFF_CPU_MAX_RATE,
             wall: false,
         }
+    }
+}
+
+impl OffCpuConfig {
+    /// How the profiles it records describe themselves.
+    pub fn settings(&self) -> crate::profile::OffCpuSettings {
+        crate::profile::OffCpuSettings::new(self.min, self.sample_probability, self.max_rate)
     }
 }
 
@@ -885,6 +910,7 @@ impl Config {
             wall: Some(self.off_cpu.is_some_and(|o| o.wall)),
             off_cpu_min: self.off_cpu.map(|o| HumanDuration(o.min)),
             off_cpu_sample: self.off_cpu.map(|o| o.sample_probability),
+            off_cpu_max_rate: self.off_cpu.map(|o| o.max_rate),
             unwind: Some(self.unwind),
             unwind_memory: Some(ByteSize(self.unwind_memory)),
             include_pid: self.filter.include_pids.clone(),
@@ -918,6 +944,7 @@ fn off_cpu_config(opts: &RunOptions) -> Result<Option<OffCpuConfig>, ConfigError
         for (key, set) in [
             ("off-cpu-min", opts.off_cpu_min.is_some()),
             ("off-cpu-sample", opts.off_cpu_sample.is_some()),
+            ("off-cpu-max-rate", opts.off_cpu_max_rate.is_some()),
         ] {
             if set {
                 return Err(ConfigError::invalid(
@@ -934,9 +961,15 @@ fn off_cpu_config(opts: &RunOptions) -> Result<Option<OffCpuConfig>, ConfigError
         Some(p) => crate::cli::parse_probability(&p.to_string())
             .map_err(|message| ConfigError::invalid("off-cpu-sample", message))?,
     };
+    let max_rate = match opts.off_cpu_max_rate {
+        None => defaults.max_rate,
+        Some(rate) => crate::cli::parse_off_cpu_max_rate(&rate.to_string())
+            .map_err(|message| ConfigError::invalid("off-cpu-max-rate", message))?,
+    };
     Ok(Some(OffCpuConfig {
         min: opts.off_cpu_min.map_or(defaults.min, |d| d.0),
         sample_probability,
+        max_rate,
         wall,
     }))
 }
@@ -1185,6 +1218,7 @@ mod tests {
             wall: Some(true),
             off_cpu_min: Some(HumanDuration(Duration::from_millis(5))),
             off_cpu_sample: Some(0.25),
+            off_cpu_max_rate: Some(2_500),
             ..RunOptions::default()
         })
         .unwrap();
@@ -1193,8 +1227,18 @@ mod tests {
             Some(OffCpuConfig {
                 min: Duration::from_millis(5),
                 sample_probability: 0.25,
+                max_rate: 2_500,
                 wall: true,
             })
+        );
+        let capped = Config::resolve(&RunOptions {
+            off_cpu: Some(true),
+            ..RunOptions::default()
+        })
+        .unwrap();
+        assert_eq!(
+            capped.off_cpu.map(|o| o.max_rate),
+            Some(DEFAULT_OFF_CPU_MAX_RATE)
         );
         // Printed and read back, it is the same configuration.
         let printed: RunOptions = toml::from_str(&on.to_toml()).unwrap();
@@ -1212,6 +1256,15 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("off-cpu-sample"), "{err}");
+        for (rate, off_cpu) in [(MAX_OFF_CPU_MAX_RATE + 1, Some(true)), (100, None)] {
+            let err = Config::resolve(&RunOptions {
+                off_cpu,
+                off_cpu_max_rate: Some(rate),
+                ..RunOptions::default()
+            })
+            .unwrap_err();
+            assert!(err.to_string().contains("off-cpu-max-rate"), "{err}");
+        }
     }
 
     #[test]

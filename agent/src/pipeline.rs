@@ -156,10 +156,11 @@ impl<S: Symbolize> WindowProcessor<S> {
         for sample in &window.samples {
             let (builder, stacks, count, reason) = match (&sample.off_cpu, &mut off) {
                 (None, _) => (&mut on_cpu, &mut on_cpu_stacks, sample.count, None),
-                (Some(wait), Some((settings, builder))) => (
+                // Times come scaled up for the switches not followed.
+                (Some(wait), Some((_, builder))) => (
                     builder,
                     &mut off_cpu_stacks,
-                    scale_up(wait.blocked_ns, settings.followed_per_million),
+                    wait.blocked_ns,
                     Some(if wait.involuntary {
                         OffCpuReason::Involuntary
                     } else {
@@ -282,16 +283,6 @@ impl<S: Symbolize> WindowProcessor<S> {
             frames.extend_from_slice(stack);
         }
     }
-}
-
-/// Undoes the sampling of context switches: a wait followed with
-/// probability p stands for 1/p such waits.
-fn scale_up(blocked_ns: u64, followed_per_million: u32) -> u64 {
-    if followed_per_million == 0 || followed_per_million >= 1_000_000 {
-        return blocked_ns;
-    }
-    let scaled = u128::from(blocked_ns) * 1_000_000 / u128::from(followed_per_million);
-    u64::try_from(scaled).unwrap_or(u64::MAX)
 }
 
 /// This host's name, for profile titles and resource attributes.
@@ -494,13 +485,5 @@ mod tests {
         let names: Vec<String> = leaves(&profiles.on_cpu).into_iter().map(|l| l.1).collect();
         assert_eq!(names, ["quiet"]);
         assert_eq!(processor.filtered_at_drain, 1);
-    }
-
-    #[test]
-    fn sampled_waits_scale_up_by_the_inverse_probability() {
-        assert_eq!(scale_up(1_000, 0), 1_000);
-        assert_eq!(scale_up(1_000, 1_000_000), 1_000);
-        assert_eq!(scale_up(1_000, 100_000), 10_000);
-        assert_eq!(scale_up(u64::MAX, 1), u64::MAX);
     }
 }

@@ -222,15 +222,19 @@ pub struct OffCpuSettings {
     /// Context switches followed per million (the sampling probability);
     /// values are already scaled up by its inverse. 0 when unknown.
     pub followed_per_million: u32,
+    /// Cap on followed switch-outs per second per CPU; above it, fewer are
+    /// followed and values are scaled up for them. 0: none, or unknown.
+    pub max_rate: u64,
 }
 
 impl OffCpuSettings {
     /// Settings for waits of at least `min`, with `sample_probability` of
-    /// the switches followed.
-    pub fn new(min: Duration, sample_probability: f64) -> OffCpuSettings {
+    /// the switches followed, at most `max_rate` a second per CPU.
+    pub fn new(min: Duration, sample_probability: f64, max_rate: u64) -> OffCpuSettings {
         OffCpuSettings {
             min_ns: u64::try_from(min.as_nanos()).unwrap_or(u64::MAX),
             followed_per_million: (sample_probability * 1e6).round() as u32,
+            max_rate,
         }
     }
 
@@ -246,6 +250,12 @@ impl OffCpuSettings {
             parts.push(format!(
                 "{:.3}% of switches followed, scaled up",
                 f64::from(self.followed_per_million) / 1e4
+            ));
+        }
+        if self.max_rate > 0 {
+            parts.push(format!(
+                "sampled above {} switches/s per CPU, scaled up",
+                self.max_rate
             ));
         }
         if parts.is_empty() {
@@ -700,6 +710,7 @@ pub(crate) mod tests {
             kind: SampleKind::OffCpu(OffCpuSettings {
                 min_ns: 1_000_000,
                 followed_per_million: 1_000_000,
+                max_rate: 10_000,
             }),
             frequency_hz: 0,
             ..on.meta.clone()
@@ -749,10 +760,18 @@ pub(crate) mod tests {
         let sampled = OffCpuSettings {
             min_ns: 2_000_000,
             followed_per_million: 100_000,
+            max_rate: 0,
         };
         let text = SampleKind::OffCpu(sampled).describe();
         assert!(text.starts_with("off-CPU time (waits ≥ 2ms"), "{text}");
         assert!(text.contains("10.000% of switches followed"), "{text}");
+        assert!(!text.contains("per CPU"), "{text}");
+        let capped = OffCpuSettings::new(Duration::from_millis(1), 1.0, 10_000);
+        let text = SampleKind::Wall(capped).describe();
+        assert_eq!(
+            text,
+            "wall-clock time (waits ≥ 1ms, sampled above 10000 switches/s per CPU, scaled up)"
+        );
         assert_eq!(
             SampleKind::Wall(OffCpuSettings::default()).describe(),
             "wall-clock time"

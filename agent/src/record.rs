@@ -133,8 +133,10 @@ impl RecordSummary {
         }
         if self.kind.is_time() {
             line += &format!(
-                "; {} waits recorded, {} shorter waits ({} in all) and {} unsampled switches \
-                 skipped, {} lost",
+                "; {} of {} switch-outs followed, {} waits recorded, {} shorter waits ({} in \
+                 all) and {} unsampled switches skipped, {} lost",
+                stats.get(Stat::OffCpuStarted),
+                stats.get(Stat::OffCpuSwitches),
                 stats.get(Stat::OffCpuRecorded),
                 stats.get(Stat::OffCpuBelowMin),
                 crate::config::HumanDuration(Duration::from_nanos(
@@ -180,8 +182,13 @@ pub async fn record(args: &RecordArgs) -> Result<RecordSummary, RecordError> {
         }
     }
     let mode = args.off_cpu.mode();
-    let off_cpu = (mode != RecordMode::OnCpu)
-        .then(|| OffCpuSettings::new(args.off_cpu.off_cpu_min, args.off_cpu.off_cpu_sample));
+    let off_cpu = (mode != RecordMode::OnCpu).then(|| {
+        OffCpuSettings::new(
+            args.off_cpu.off_cpu_min,
+            args.off_cpu.off_cpu_sample,
+            args.off_cpu.off_cpu_max_rate,
+        )
+    });
     let frequency_hz = if mode == RecordMode::OffCpu {
         0
     } else {
@@ -192,6 +199,7 @@ pub async fn record(args: &RecordArgs) -> Result<RecordSummary, RecordError> {
         off_cpu: off_cpu.map(|settings| OffCpuOptions {
             min_ns: settings.min_ns,
             sample_probability: args.off_cpu.off_cpu_sample,
+            max_rate: settings.max_rate,
             force_syscall_exit: args.off_cpu.off_cpu_syscall_exit,
         }),
         pids: args.pids.clone(),

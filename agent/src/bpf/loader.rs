@@ -37,6 +37,9 @@ pub struct OffCpuOptions {
     pub min_ns: u64,
     /// Share of context switches followed, in (0, 1].
     pub sample_probability: f64,
+    /// Followed switch-outs per second per CPU above which fewer are
+    /// followed (and their waits scaled up); 0: no cap.
+    pub max_rate: u64,
     /// Take waits in system calls at `sys_exit`, as on a kernel without the
     /// `rseq_update` tracepoint, even where it exists: for tests and the
     /// benchmark of that fallback.
@@ -48,6 +51,7 @@ impl Default for OffCpuOptions {
         Self {
             min_ns: 1_000_000,
             sample_probability: 1.0,
+            max_rate: crate::config::DEFAULT_OFF_CPU_MAX_RATE,
             force_syscall_exit: false,
         }
     }
@@ -183,6 +187,8 @@ impl Sampler {
         let sample_below = off_cpu.sample_below();
         loader.override_global(names::OFF_CPU_MIN_NS, &off_cpu.min_ns, true);
         loader.override_global(names::OFF_CPU_SAMPLE_BELOW, &sample_below, true);
+        let max_rate = off_cpu.max_rate.min(crate::config::MAX_OFF_CPU_MAX_RATE);
+        loader.override_global(names::OFF_CPU_MAX_RATE, &max_rate, true);
         // Threads come back through `rseq_update` where the kernel fires it
         // after every switch; `sys_exit`, which runs on every system call,
         // only elsewhere.

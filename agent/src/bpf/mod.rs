@@ -316,11 +316,23 @@ mod tests {
         sample_probability: f64,
         force_syscall_exit: bool,
     ) -> Sampler {
+        off_cpu_sampler_capped(min, sample_probability, 0, force_syscall_exit)
+    }
+
+    /// Off-CPU programs for this process only. `max_rate` 0: no rate cap,
+    /// so the tests of the other controls see every switch.
+    fn off_cpu_sampler_capped(
+        min: Duration,
+        sample_probability: f64,
+        max_rate: u64,
+        force_syscall_exit: bool,
+    ) -> Sampler {
         Sampler::start(&SamplerOptions {
             frequency_hz: 0,
             off_cpu: Some(OffCpuOptions {
                 min_ns: min.as_nanos() as u64,
                 sample_probability,
+                max_rate,
                 force_syscall_exit,
             }),
             pids: vec![std::process::id()],
@@ -501,8 +513,92 @@ mod tests {
         );
     }
 
+    /// Above the rate cap a CPU's switch-outs are followed at random, the
+    /// skipped ones counted, and each wait followed is scaled up in the
+    /// kernel so the total stays an honest estimate of the true time.
+    #[test]
+    fn off_cpu_rate_cap_samples_a_busy_cpu_and_scales_up() {
+        const CAP: u64 = 300;
+        let mut sampler = off_cpu_sampler_capped(Duration::from_micros(200), 1.0, CAP, false);
+        // SAFETY: no preconditions.
+        let cpu = unsafe { libc::sched_getcpu() }.max(0) as usize;
+        // About 1,000 switch-outs a second of this thread alone on its CPU:
+        // three times the cap. Its own clock says how long it really slept.
+        let sleeper = std::thread::spawn(move || {
+            // SAFETY: a zeroed cpu_set_t is valid; the calls only read it.
+            unsafe {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu, &mut set);
+                assert_eq!(
+                    libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set),
+                    0
+                );
+            }
+            let mut slept = Duration::ZERO;
+            for _ in 0..1_500 {
+                let start = Instant::now();
+                std::thread::sleep(Duration::from_millis(1));
+                slept += start.elapsed();
+            }
+            // SAFETY: gettid has no preconditions.
+            (unsafe { libc::gettid() as u32 }, slept)
+        });
+        let (tid, slept) = sleeper.join().unwrap();
+        sampler.stop().unwrap();
+        let window = sampler.drain().unwrap();
+        let st = window.stats;
+        assert_eq!(
+            st.get(Stat::OffCpuSwitches),
+            st.get(Stat::OffCpuIdle)
+                + st.get(Stat::OffCpuExiting)
+                + st.get(Stat::OffCpuFiltered)
+                + st.get(Stat::OffCpuUnsampled)
+                + st.get(Stat::OffCpuStarted)
+                + st.get(Stat::OffCpuNoThreadStorage),
+            "every switch-out is accounted for: {st:?}"
+        );
+        let followed = st.get(Stat::OffCpuStarted) + st.get(Stat::OffCpuNoThreadStorage);
+        let skipped = st.get(Stat::OffCpuUnsampled);
+        // The first 100 ms of each CPU follow everything; after that about
+        // a third of the sleeper's switch-outs.
+        let share = followed as f64 / (followed + skipped) as f64;
+        assert!(
+            skipped >= 500 && share < 0.6,
+            "{followed} followed, {skipped} skipped: {st:?}"
+        );
+        let ns: u64 = window
+            .samples
+            .iter()
+            .filter(|s| s.tid == tid)
+            .filter_map(|s| s.off_cpu.map(|o| o.blocked_ns))
+            .sum();
+        let waits: u64 = window
+            .samples
+            .iter()
+            .filter(|s| s.tid == tid && s.off_cpu.is_some())
+            .map(|s| s.count)
+            .sum();
+        // 1 ms sleeps are all above the minimum: every wait followed is
+        // recorded.
+        let ratio = ns as f64 / slept.as_nanos() as f64;
+        eprintln!(
+            "rate cap: {followed} followed, {skipped} skipped, {waits} waits of the sleeper, \
+             estimate/slept {ratio:.3}"
+        );
+        // Each wait stands for 1/p of them: the estimate's relative error
+        // is about 1/sqrt(waits followed) (p is lower on a loaded host,
+        // whose other switches count towards the cap).
+        let tolerance = (4.0 / (waits.max(1) as f64).sqrt()).max(0.2);
+        assert!(
+            waits >= 50 && (ratio - 1.0).abs() <= tolerance,
+            "{waits} waits recorded, estimate {:.0} ms for {} ms slept: {st:?}",
+            ns as f64 / 1e6,
+            slept.as_millis()
+        );
+    }
+
     /// Following half the switches skips about half, counted, and the
-    /// recorded time scaled up by 2 estimates the true time.
+    /// recorded time, scaled up by 2 in the kernel, estimates the true time.
     #[test]
     fn off_cpu_sampling_skips_a_share_of_switches() {
         let mut sampler = off_cpu_sampler(Duration::from_millis(5), 0.5);
@@ -510,9 +606,9 @@ mod tests {
         sampler.stop().unwrap();
         let window = sampler.drain().unwrap();
         let st = window.stats;
-        let followed = st.get(Stat::OffCpuStarted) + st.get(Stat::OffCpuNoThreadStorage);
+        // Sampling is decided first, for every switch-out of the host.
         let skipped = st.get(Stat::OffCpuUnsampled);
-        let share = skipped as f64 / (skipped + followed) as f64;
+        let share = skipped as f64 / st.get(Stat::OffCpuSwitches) as f64;
         assert!((0.35..=0.65).contains(&share), "{share:.2} skipped: {st:?}");
         let ns: u64 = window
             .samples
@@ -520,7 +616,8 @@ mod tests {
             .filter(|s| s.tid == tid)
             .filter_map(|s| s.off_cpu.map(|o| o.blocked_ns))
             .sum();
-        let estimate_ms = 2 * ns / 1_000_000;
+        // The kernel scaled each followed wait up by 2.
+        let estimate_ms = ns / 1_000_000;
         assert!(
             (650..=1450).contains(&estimate_ms),
             "100 sleeps of 10 ms estimated as {estimate_ms} ms"

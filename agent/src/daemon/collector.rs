@@ -86,8 +86,9 @@ fn run(
     let sampler = Sampler::start(&SamplerOptions {
         frequency_hz: governor.frequency_hz(),
         off_cpu: options.off_cpu.map(|o| OffCpuOptions {
-            min_ns: OffCpuSettings::new(o.min, o.sample_probability).min_ns,
+            min_ns: o.settings().min_ns,
             sample_probability: o.sample_probability,
+            max_rate: o.max_rate,
             ..OffCpuOptions::default()
         }),
         unwind: options.unwind,
@@ -130,9 +131,7 @@ fn run(
         metrics,
         windows,
         off_cpu: options.off_cpu,
-        off_cpu_settings: options
-            .off_cpu
-            .map(|o| OffCpuSettings::new(o.min, o.sample_probability)),
+        off_cpu_settings: options.off_cpu.map(|o| o.settings()),
         pods: options.metadata.pods.clone(),
     };
     let mut meter = match CpuMeter::new() {

@@ -184,6 +184,7 @@ const HOST_COMMENT: &str = "host: ";
 /// Comments that keep how off-CPU time was recorded.
 const OFF_CPU_MIN_COMMENT: &str = "off_cpu_min_ns: ";
 const OFF_CPU_FOLLOWED_COMMENT: &str = "off_cpu_followed_per_million: ";
+const OFF_CPU_MAX_RATE_COMMENT: &str = "off_cpu_max_rate_per_cpu: ";
 /// Label of off-CPU samples: `voluntary` or `involuntary`.
 const OFF_CPU_REASON: &str = "off_cpu_reason";
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
@@ -252,6 +253,7 @@ fn to_proto(profile: &Profile) -> proto::Profile {
                 OFF_CPU_FOLLOWED_COMMENT,
                 settings.followed_per_million.into(),
             ),
+            (OFF_CPU_MAX_RATE_COMMENT, settings.max_rate),
         ] {
             let comment = enc.string(format!("{prefix}{value}"));
             enc.out.comment.push(comment);
@@ -509,6 +511,8 @@ impl<'p> Decoder<'p> {
                 settings.min_ns = n.parse().unwrap_or(0);
             } else if let Some(n) = comment.strip_prefix(OFF_CPU_FOLLOWED_COMMENT) {
                 settings.followed_per_million = n.parse().unwrap_or(0);
+            } else if let Some(n) = comment.strip_prefix(OFF_CPU_MAX_RATE_COMMENT) {
+                settings.max_rate = n.parse().unwrap_or(0);
             }
         }
         let mut kind = SampleKind::OnCpu;

@@ -9,10 +9,12 @@
 //! configuration:
 //!
 //! - no profiler;
-//! - `--off-cpu` with the default threshold, bpf_stats off: what a user
-//!   gets, and what the <5% target is judged on;
+//! - `--off-cpu` with the default threshold and rate cap, bpf_stats off:
+//!   what a user gets, and what the <5% target is judged on;
 //! - the same with `kernel.bpf_stats_enabled`, which times every BPF run
 //!   (two clock reads per run, so it adds a little cost of its own);
+//! - `--off-cpu --off-cpu-max-rate 0`: every switch followed, as before
+//!   the rate cap, bpf_stats off;
 //! - `--off-cpu --off-cpu-min 0` (every wait recorded), bpf_stats on;
 //! - `--off-cpu` with waits in system calls taken at `sys_exit`, as on
 //!   kernels without the `rseq_update` tracepoint, bpf_stats on.
@@ -72,7 +74,7 @@ struct Config {
     bpf_stats: bool,
 }
 
-const CONFIGS: [Config; 5] = [
+const CONFIGS: [Config; 6] = [
     Config {
         label: "off",
         record_args: None,
@@ -87,6 +89,11 @@ const CONFIGS: [Config; 5] = [
         label: "`--off-cpu` (min 1ms), bpf_stats on",
         record_args: Some(&[]),
         bpf_stats: true,
+    },
+    Config {
+        label: "`--off-cpu --off-cpu-max-rate 0` (every switch followed), bpf_stats off",
+        record_args: Some(&["--off-cpu-max-rate", "0"]),
+        bpf_stats: false,
     },
     Config {
         label: "`--off-cpu --off-cpu-min 0`, bpf_stats on",
@@ -143,6 +150,9 @@ struct RoundResult {
 /// The profiler's cost over one ping_pong run.
 struct ProfilerCost {
     agent_cpu_seconds: f64,
+    /// Share of the host's switch-outs the agent followed over its run
+    /// (the rest skipped by the rate cap, idle or filtered).
+    followed_share: Option<f64>,
     /// The `sched_switch` program: one run per context switch.
     switch: BpfRuns,
     /// The `sys_exit` program: one run per system call.
@@ -253,13 +263,15 @@ fn measure_round(
     let (round_trips, ping_pong_seconds) =
         parse_ping_pong(&String::from_utf8_lossy(&output.stdout))?;
 
-    if let Some(agent) = agent {
-        agent.stop()?;
-    }
+    let followed_share = match agent {
+        Some(agent) => agent.stop()?,
+        None => None,
+    };
     let seconds = after.at.duration_since(before.at).as_secs_f64();
     let profiler = match (before.agent, after.agent) {
         (Some(b), Some(a)) => Some(ProfilerCost {
             agent_cpu_seconds: a.cpu_seconds - b.cpu_seconds,
+            followed_share,
             switch: a.switch.since(b.switch),
             sys_exit: a.sys_exit.since(b.sys_exit),
             rseq: a.rseq.since(b.rseq),
@@ -324,6 +336,17 @@ fn pinned(program: &Path, cpus: &[usize]) -> Command {
         });
     }
     cmd
+}
+
+/// "F of N switch-outs followed" from `hearth record`'s summary line, as
+/// F / N.
+fn followed_share(log: &str) -> Option<f64> {
+    let before = log.split(" switch-outs followed").next()?;
+    let mut words = before.rsplit(' ');
+    let all: f64 = words.next()?.parse().ok()?;
+    let _of = words.next()?;
+    let followed: f64 = words.next()?.parse().ok()?;
+    (all > 0.0).then(|| followed / all)
 }
 
 /// `round_trips <N>` and `seconds <S>` from ping_pong's output.
@@ -453,7 +476,9 @@ impl Agent {
 
     /// Stops the agent with SIGINT, as Ctrl-C would; it must write its
     /// output and exit 0.
-    fn stop(mut self) -> Result<()> {
+    /// Stops the agent; the share of switch-outs it followed over its
+    /// whole run, from its summary line, if it printed one.
+    fn stop(mut self) -> Result<Option<f64>> {
         // SAFETY: kill(2) on our own, not yet reaped, child.
         unsafe { libc::kill(self.pid(), libc::SIGINT) };
         let deadline = Instant::now() + STOP_TIMEOUT;
@@ -481,7 +506,7 @@ impl Agent {
                 self.log_text()
             );
         }
-        Ok(())
+        Ok(followed_share(&self.log_text()))
     }
 
     fn log_text(&self) -> String {
@@ -595,6 +620,8 @@ struct Summary {
     seconds: f64,
     round_trips: u64,
     agent_cpu_percent: Option<f64>,
+    /// Median share of switch-outs followed.
+    followed_share: Option<f64>,
 }
 
 impl Summary {
@@ -647,6 +674,10 @@ fn summarize(results: &[Vec<RoundResult>], index: usize) -> Summary {
         seconds: rounds.iter().map(|r| r.seconds).sum(),
         round_trips: rounds.iter().map(|r| r.round_trips).sum(),
         agent_cpu_percent: (!agent_cpu.is_empty()).then(|| median(agent_cpu.into_iter())),
+        followed_share: {
+            let shares: Vec<f64> = costs.iter().filter_map(|c| c.followed_share).collect();
+            (!shares.is_empty()).then(|| median(shares.into_iter()))
+        },
     }
 }
 
@@ -687,6 +718,8 @@ fn report(results: &[Vec<RoundResult>]) -> String {
          and the throughput drop that alone implies against the median unprofiled round \
          trip, measured by the kernel and so less noisy than the throughput. \
          BPF CPU is charged to the switching tasks, agent CPU (user + system) to the agent.\n\
+         - Switch-outs followed: the share of the host's switch-outs the agent followed over \
+         its whole run (the others skipped by the rate cap, or the idle task's).\n\
          - Other columns: medians over rounds.\n\n",
         kernel.trim(),
         ROUND.as_secs(),
@@ -694,9 +727,9 @@ fn report(results: &[Vec<RoundResult>]) -> String {
     );
     let _ = writeln!(
         out,
-        "| profiler | ping-pong round trips/s | slowdown vs off (range) | context switches/s | BPF ns / sched_switch run | BPF ns / sys_exit run | BPF ns / rseq_update run | BPF ns per switch (all) | BPF µs per round trip (slowdown it alone implies) | BPF CPU (% of a core) | agent CPU (% of a core) |"
+        "| profiler | ping-pong round trips/s | slowdown vs off (range) | context switches/s | BPF ns / sched_switch run | BPF ns / sys_exit run | BPF ns / rseq_update run | BPF ns per switch (all) | BPF µs per round trip (slowdown it alone implies) | BPF CPU (% of a core) | agent CPU (% of a core) | switch-outs followed |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|");
     let summaries: Vec<Summary> = (0..CONFIGS.len()).map(|i| summarize(results, i)).collect();
     let unprofiled_round_trip_ns = 1e9 / summaries[BASELINE].round_trips_per_second;
     for (config, s) in CONFIGS.iter().zip(&summaries) {
@@ -711,7 +744,7 @@ fn report(results: &[Vec<RoundResult>]) -> String {
         let timed = config.bpf_stats && s.switch.runs > 0;
         let _ = writeln!(
             out,
-            "| {} | {:.0} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {:.0} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |",
             config.label,
             s.round_trips_per_second,
             s.slowdown_range()
@@ -746,6 +779,8 @@ fn report(results: &[Vec<RoundResult>]) -> String {
             },
             s.agent_cpu_percent
                 .map_or_else(dash, |p| format!("{p:.2}%")),
+            s.followed_share
+                .map_or_else(dash, |f| format!("{:.1}%", 100.0 * f)),
         );
     }
 
