@@ -10,6 +10,29 @@ use std::time::{Duration, Instant};
 
 use crate::hearth_bin;
 
+/// Options that keep the governor out of tests that need a steady
+/// frequency (the test machine is small and shared).
+pub const NO_GOVERNOR: &[&str] = &["--max-cpu-percent", "100", "--max-host-load-percent", "100"];
+
+/// `hearth run` arguments: export to the OTLP receiver at `endpoint`
+/// every second at 99 Hz, spooling in `spool`, without the governor, then
+/// `extra`.
+pub fn otlp_args<'a>(endpoint: &'a str, spool: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "--otlp-endpoint",
+        endpoint,
+        "--spool-dir",
+        spool.to_str().unwrap(),
+        "--interval",
+        "1s",
+        "-F",
+        "99",
+    ];
+    args.extend_from_slice(NO_GOVERNOR);
+    args.extend_from_slice(extra);
+    args
+}
+
 /// A running `hearth run`, killed when dropped.
 pub struct Daemon {
     child: Option<Child>,

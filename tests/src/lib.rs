@@ -202,6 +202,27 @@ pub fn contains_in_order(stack: &[&str], needle: &[&str]) -> bool {
     needle.iter().all(|want| it.any(|have| have == want))
 }
 
+/// What `hearth record` says on `stderr` it left out in the kernel (`N
+/// filtered out in the kernel`); 0 when it says nothing of it.
+pub fn filtered_in_kernel(stderr: &str) -> u64 {
+    let Some(end) = stderr.find(" filtered out in the kernel") else {
+        return 0;
+    };
+    let start = stderr[..end].rfind(' ').map_or(0, |i| i + 1);
+    stderr[start..end].parse().unwrap_or(0)
+}
+
+/// Prints the `process events` lines of a hearth log (the counts of the
+/// process events it handled), for the test's output.
+pub fn print_process_events(log: &str) {
+    eprintln!(
+        "{}",
+        log.lines()
+            .filter(|l| l.contains("process events"))
+            .collect::<String>()
+    );
+}
+
 /// Samples of `profile` whose process has this pid.
 pub fn samples_of_pid(profile: &Profile, pid: u32) -> Vec<&hearth::profile::Sample> {
     profile
@@ -213,7 +234,14 @@ pub fn samples_of_pid(profile: &Profile, pid: u32) -> Vec<&hearth::profile::Samp
 
 #[cfg(test)]
 mod tests {
-    use super::contains_in_order;
+    use super::{contains_in_order, filtered_in_kernel};
+
+    #[test]
+    fn filtered_count_is_read_from_the_summary() {
+        let stderr = "INFO x\nhearth: 0 samples, 0 lost in the kernel (maps full), 1187 filtered out in the kernel (no stack walk); unwind tables: 4 files\n";
+        assert_eq!(filtered_in_kernel(stderr), 1187);
+        assert_eq!(filtered_in_kernel("hearth: 12 samples, 0 lost\n"), 0);
+    }
 
     #[test]
     fn in_order_subsequence() {

@@ -5,12 +5,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use hearth_integration_tests::daemon::{http_get, Daemon};
+use hearth_integration_tests::daemon::{http_get, Daemon, NO_GOVERNOR};
 use hearth_integration_tests::*;
-
-/// Options that keep the governor out of tests that need a steady
-/// frequency (the test machine is small and shared).
-const NO_GOVERNOR: &[&str] = &["--max-cpu-percent", "100", "--max-host-load-percent", "100"];
 
 fn stored_windows(store: &Path) -> Vec<std::path::PathBuf> {
     let mut files: Vec<_> = std::fs::read_dir(store)

@@ -12,13 +12,11 @@ use std::time::{Duration, Instant};
 
 use hearth_integration_tests::cgroups::Cgroups;
 use hearth_integration_tests::churn::{self, Churn};
-use hearth_integration_tests::daemon::Daemon;
+use hearth_integration_tests::daemon::{self, Daemon};
 use hearth_integration_tests::kube_api::FakeApi;
 use hearth_integration_tests::otlp_check::{check_request, stacks};
 use hearth_integration_tests::otlp_receiver::Receiver;
 use hearth_integration_tests::*;
-
-const NO_GOVERNOR: &[&str] = &["--max-cpu-percent", "100", "--max-host-load-percent", "100"];
 
 /// Container ids of the fixtures (any 64 hex digits: the cgroups are ours).
 const ID_A: &str = "a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1";
@@ -270,23 +268,18 @@ fn service_attributes_from_the_environment_reach_otlp() {
     let receiver = Receiver::start(None, None);
     let endpoint = receiver.endpoint();
     let spool = dir.join("spool");
-    let mut args = vec![
-        "--otlp-endpoint",
+    let args = daemon::otlp_args(
         &endpoint,
-        "--spool-dir",
-        spool.to_str().unwrap(),
-        "--interval",
-        "1s",
-        "-F",
-        "99",
-        "--tag",
-        "region=eu-1",
-        "--tag",
-        "deployment.environment.name=tag-env",
-        "--command-line",
-        "--kubernetes=false",
-    ];
-    args.extend_from_slice(NO_GOVERNOR);
+        &spool,
+        &[
+            "--tag",
+            "region=eu-1",
+            "--tag",
+            "deployment.environment.name=tag-env",
+            "--command-line",
+            "--kubernetes=false",
+        ],
+    );
     let mut daemon = Daemon::start(&dir, &args, &[]);
     daemon.wait_ready(Duration::from_secs(20));
     let has_samples = |r: &HashMap<String, String>| r.contains_key("service.name");
@@ -386,12 +379,7 @@ fn short_lived_processes_keep_container_pod_and_service_attributes() {
     let status = hearth.wait().unwrap();
     let log = std::fs::read_to_string(log).unwrap();
     assert!(status.success(), "hearth: {status}\n{log}");
-    eprintln!(
-        "{}",
-        log.lines()
-            .filter(|l| l.contains("process events"))
-            .collect::<String>()
-    );
+    print_process_events(&log);
     let profile = read_pprof(&pb);
     let parent_pid = parent.to_string();
     let (mut total, mut tagged) = (0u64, 0u64);
@@ -501,21 +489,16 @@ fn kubernetes_attributes_from_a_pod_watch() {
     let endpoint = receiver.endpoint();
     let spool = dir.join("spool");
     let url = api.url();
-    let mut args = vec![
-        "--otlp-endpoint",
+    let args = daemon::otlp_args(
         &endpoint,
-        "--spool-dir",
-        spool.to_str().unwrap(),
-        "--interval",
-        "1s",
-        "-F",
-        "99",
-        "--kubernetes-api",
-        &url,
-        "--pod-label",
-        "app.kubernetes.io/team",
-    ];
-    args.extend_from_slice(NO_GOVERNOR);
+        &spool,
+        &[
+            "--kubernetes-api",
+            &url,
+            "--pod-label",
+            "app.kubernetes.io/team",
+        ],
+    );
     let mut daemon = Daemon::start(&dir, &args, &[("NODE_NAME", &node)]);
     daemon.wait_ready(Duration::from_secs(20));
 
@@ -667,15 +650,6 @@ fn kubernetes_attributes_from_a_pod_watch() {
 /// Samples of `pid` in a recorded profile.
 fn sample_count(profile: &hearth::profile::Profile, pid: u32) -> u64 {
     samples_of_pid(profile, pid).iter().map(|s| s.count).sum()
-}
-
-/// What `hearth record` says it left out in the kernel.
-fn filtered_in_kernel(stderr: &str) -> u64 {
-    let Some(end) = stderr.find(" filtered out in the kernel") else {
-        return 0;
-    };
-    let start = stderr[..end].rfind(' ').map_or(0, |i| i + 1);
-    stderr[start..end].parse().unwrap_or(0)
 }
 
 /// Pods of the filter test: ids no other test's cgroups use, so only its

@@ -4,31 +4,12 @@
 //! an outage, an agent restart and a full spool.
 
 use std::collections::HashSet;
-use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use hearth_integration_tests::daemon::Daemon;
+use hearth_integration_tests::daemon::{otlp_args, Daemon};
 use hearth_integration_tests::otlp_check::{check_request, stacks, DecodedSample};
 use hearth_integration_tests::otlp_receiver::Receiver;
 use hearth_integration_tests::*;
-
-const NO_GOVERNOR: &[&str] = &["--max-cpu-percent", "100", "--max-host-load-percent", "100"];
-
-fn daemon_args<'a>(receiver: &'a str, spool: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec![
-        "--otlp-endpoint",
-        receiver,
-        "--spool-dir",
-        spool.to_str().unwrap(),
-        "--interval",
-        "1s",
-        "-F",
-        "99",
-    ];
-    args.extend_from_slice(NO_GOVERNOR);
-    args.extend_from_slice(extra);
-    args
-}
 
 /// Every request is valid; returns the fixture's samples in arrival order.
 fn fixture_samples(receiver: &Receiver, pid: u32) -> Vec<DecodedSample> {
@@ -92,7 +73,7 @@ fn otlp_export_is_valid_symbolized_and_tagged() {
     let spool = dir.join("spool");
     let mut daemon = Daemon::start(
         &dir,
-        &daemon_args(&endpoint, &spool, &["--otlp-header", "x-tenant=team-a"]),
+        &otlp_args(&endpoint, &spool, &["--otlp-header", "x-tenant=team-a"]),
         &[],
     );
     daemon.wait_ready(Duration::from_secs(20));
@@ -170,7 +151,7 @@ fn outage_then_recovery_loses_nothing() {
     let endpoint = receiver.endpoint();
     let spool = dir.join("spool");
     let cpu_before = fixture.cpu_time();
-    let mut daemon = Daemon::start(&dir, &daemon_args(&endpoint, &spool, &[]), &[]);
+    let mut daemon = Daemon::start(&dir, &otlp_args(&endpoint, &spool, &[]), &[]);
     daemon.wait_ready(Duration::from_secs(20));
     daemon.wait_metric(
         "hearth_export_queue_requests",
@@ -219,7 +200,7 @@ fn spool_survives_an_agent_restart() {
     let endpoint = receiver.endpoint();
     let spool = dir.join("spool");
 
-    let mut first = Daemon::start(&dir, &daemon_args(&endpoint, &spool, &[]), &[]);
+    let mut first = Daemon::start(&dir, &otlp_args(&endpoint, &spool, &[]), &[]);
     first.wait_ready(Duration::from_secs(20));
     first.wait_metric(
         "hearth_windows_collected_total",
@@ -242,7 +223,7 @@ fn spool_survives_an_agent_restart() {
     assert!(spooled >= 3, "{spooled} requests spooled");
 
     receiver.restart();
-    let mut second = Daemon::start(&dir, &daemon_args(&endpoint, &spool, &[]), &[]);
+    let mut second = Daemon::start(&dir, &otlp_args(&endpoint, &spool, &[]), &[]);
     second.wait_ready(Duration::from_secs(20));
     second.wait_metric(
         "hearth_windows_collected_total",
@@ -290,7 +271,7 @@ fn full_spool_drops_the_oldest_and_counts_it() {
     let spool = dir.join("spool");
     let mut daemon = Daemon::start(
         &dir,
-        &daemon_args(
+        &otlp_args(
             &endpoint,
             &spool,
             // A window's request is a few KiB to a few tens of KiB on a

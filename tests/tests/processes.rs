@@ -129,12 +129,7 @@ fn record_churn(test: &str, flags: &[&str], extra: &[&str], fork_only: bool) {
     let status = hearth.wait().unwrap();
     let log = std::fs::read_to_string(log).unwrap();
     assert!(status.success(), "hearth: {status}\n{log}");
-    eprintln!(
-        "{}",
-        log.lines()
-            .filter(|l| l.contains("process events"))
-            .collect::<String>()
-    );
+    print_process_events(&log);
     check_churn(&read_pprof(&pb), &children, parent, fork_only);
 }
 
@@ -170,14 +165,6 @@ fn forked_short_lived_processes_are_symbolized_at_a_ten_second_drain() {
         &["--drain-interval", "10s"],
         true,
     );
-}
-
-fn filtered_in_kernel(stderr: &str) -> u64 {
-    let Some(end) = stderr.find(" filtered out in the kernel") else {
-        return 0;
-    };
-    let start = stderr[..end].rfind(' ').map_or(0, |i| i + 1);
-    stderr[start..end].parse().unwrap_or(0)
 }
 
 /// A copy of the cpu_split fixture under another name, running.

@@ -18,7 +18,7 @@ use std::time::Instant;
 use hearth_ebpf::{UnwindFile, UnwindMapping, UnwindPage, UnwindProc, UnwindRow};
 
 use super::elf::FileKey;
-use super::table::{TableError, UnwindTable};
+use super::table::{Built, TableError};
 use super::{Counters, UnwindError, UnwindMode};
 
 /// Where the cache writes: the BPF maps, or a fake in tests.
@@ -196,10 +196,13 @@ impl<S: TableSink> TableCache<S> {
     /// with `build` if needed. Takes a reference for a process, which
     /// [`release`](Self::release) gives back; a file with references is
     /// never evicted.
+    ///
+    /// `build` is given the most rows that could be loaded: a table with
+    /// more need only be counted (`UnwindTable::from_elf_within`).
     pub fn acquire(
         &mut self,
         key: &FileKey,
-        build: impl FnOnce() -> Result<UnwindTable, TableError>,
+        build: impl FnOnce(usize) -> Result<Built, TableError>,
     ) -> Result<FileUse, UnwindError> {
         self.tick += 1;
         let tick = self.tick;
@@ -260,16 +263,18 @@ impl<S: TableSink> TableCache<S> {
     fn build_and_load(
         &mut self,
         key: &FileKey,
-        build: impl FnOnce() -> Result<UnwindTable, TableError>,
+        build: impl FnOnce(usize) -> Result<Built, TableError>,
     ) -> Result<State, UnwindError> {
         let started = Instant::now();
-        let built = build();
+        // More than this cannot be allocated below: no need to hold it.
+        let budget = self.room().min(u64::from(self.capacity));
+        let built = build(usize::try_from(budget).unwrap_or(usize::MAX));
         release_freed_memory();
         let c = self.counters.clone();
         c.build_ns
             .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        let table = match built {
-            Ok(table) => table,
+        let built = match built {
+            Ok(built) => built,
             Err(error) => {
                 tracing::debug!(file = %key, %error, "no unwind table");
                 c.files_without_table.fetch_add(1, Ordering::Relaxed);
@@ -277,16 +282,28 @@ impl<S: TableSink> TableCache<S> {
             }
         };
         c.files_built.fetch_add(1, Ordering::Relaxed);
-        if self.mode == UnwindMode::Auto && table.has_frame_pointers() {
+        let summary = match &built {
+            Built::Table(table) => &table.summary,
+            Built::TooBig { summary, .. } => summary,
+        };
+        if self.mode == UnwindMode::Auto && summary.has_frame_pointers() {
             c.frame_pointer_files.fetch_add(1, Ordering::Relaxed);
             return Ok(State::FramePointers);
         }
-        let len = table.rows.len() as u32;
-        let Some((slot, start)) = self.allocate(len) else {
-            c.tables_over_memory.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(file = %key, rows = len, "unwind table memory full: frame pointers for this file");
-            return Ok(State::DidNotFit { rows: len });
+        let (table, slot, start) = match built {
+            Built::Table(table) => {
+                let len = table.rows.len() as u32;
+                match self.allocate(len) {
+                    Some((slot, start)) => (table, slot, start),
+                    None => return Ok(self.did_not_fit(key, len, len as usize, started)),
+                }
+            }
+            Built::TooBig { rows, held, .. } => {
+                let rows = u32::try_from(rows).unwrap_or(u32::MAX);
+                return Ok(self.did_not_fit(key, rows, held, started));
+            }
         };
+        let len = table.rows.len() as u32;
         let pages = table.pages.len() as u32;
         let pages_start = match self.free_pages.allocate(pages) {
             Some(at) if pages > 0 => Some(at),
@@ -331,6 +348,17 @@ impl<S: TableSink> TableCache<S> {
         })
     }
 
+    /// Counts and logs a table of `rows` rows that did not fit (of which
+    /// `held` were built at most at once), built or counted from `started`.
+    fn did_not_fit(&self, key: &FileKey, rows: u32, held: usize, started: Instant) -> State {
+        self.counters
+            .tables_over_memory
+            .fetch_add(1, Ordering::Relaxed);
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        tracing::info!(file = %key, rows, held, ms, "unwind table memory full: frame pointers for this file");
+        State::DidNotFit { rows }
+    }
+
     /// A file slot and `len` rows, evicting unused tables as needed.
     fn allocate(&mut self, len: u32) -> Option<(u32, u32)> {
         // Evicting is only worth it when it makes enough room.
@@ -360,6 +388,11 @@ impl<S: TableSink> TableCache<S> {
 
     /// True when `rows` would fit if every unused table were evicted.
     pub fn could_fit(&self, rows: u32) -> bool {
+        self.room() >= u64::from(rows)
+    }
+
+    /// Rows free once every unused table is evicted.
+    fn room(&self) -> u64 {
         let free = self.free.free_total();
         let evictable: u64 = self
             .entries
@@ -370,7 +403,7 @@ impl<S: TableSink> TableCache<S> {
                 _ => 0,
             })
             .sum();
-        free + evictable >= u64::from(rows)
+        free + evictable
     }
 
     /// Evicts the least recently used loaded table no process maps.
@@ -447,7 +480,7 @@ fn release_freed_memory() {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    use crate::unwind::table::TableSummary;
+    use crate::unwind::table::{TableSummary, UnwindTable};
 
     /// Records what the cache wrote.
     #[derive(Default)]
@@ -508,8 +541,8 @@ pub(super) mod tests {
         }
     }
 
-    fn table(rows: u32, tag: u8, frame_pointers: bool) -> UnwindTable {
-        UnwindTable {
+    fn table(rows: u32, tag: u8, frame_pointers: bool) -> Built {
+        Built::Table(UnwindTable {
             base: 0x1000,
             pages: vec![UnwindPage::default(); rows.div_ceil(256) as usize],
             rows: (0..rows)
@@ -526,7 +559,7 @@ pub(super) mod tests {
                 frame_pointer_fdes: if frame_pointers { 10 } else { 0 },
                 ..TableSummary::default()
             },
-        }
+        })
     }
 
     fn key(n: u64) -> FileKey {
@@ -551,8 +584,8 @@ pub(super) mod tests {
     #[test]
     fn a_file_is_built_once_and_shared() {
         let (mut cache, counters) = cache(UnwindMode::Dwarf, 100);
-        let first = cache.acquire(&key(1), || Ok(table(10, 1, false))).unwrap();
-        let second = cache.acquire(&key(1), || panic!("built twice")).unwrap();
+        let first = cache.acquire(&key(1), |_| Ok(table(10, 1, false))).unwrap();
+        let second = cache.acquire(&key(1), |_| panic!("built twice")).unwrap();
         assert_eq!(first, second);
         let FileUse::Table { slot, base } = first else {
             panic!("{first:?}")
@@ -572,20 +605,20 @@ pub(super) mod tests {
         let (mut cache, counters) = cache(UnwindMode::Dwarf, 30);
         for n in 1..=3 {
             cache
-                .acquire(&key(n), || Ok(table(10, n as u8, false)))
+                .acquire(&key(n), |_| Ok(table(10, n as u8, false)))
                 .unwrap();
         }
         // 1 and 3 are unused now, 1 the longer.
         cache.release(&key(1));
         cache.release(&key(3));
-        let fourth = cache.acquire(&key(4), || Ok(table(10, 4, false))).unwrap();
+        let fourth = cache.acquire(&key(4), |_| Ok(table(10, 4, false))).unwrap();
         assert!(matches!(fourth, FileUse::Table { .. }));
         assert_eq!(counters.files_evicted.load(Ordering::Relaxed), 1);
         assert!(!cache.entries.contains_key(&key(1)));
         assert!(cache.entries.contains_key(&key(3)));
         // 2 and 4 are in use, 3 is not: 15 rows need both 3 and... no
         // more room; nothing in use is evicted.
-        let big = cache.acquire(&key(5), || Ok(table(15, 5, false))).unwrap();
+        let big = cache.acquire(&key(5), |_| Ok(table(15, 5, false))).unwrap();
         assert_eq!(big, FileUse::NoRoom);
         assert_eq!(counters.tables_over_memory.load(Ordering::Relaxed), 1);
         assert!(cache.entries.contains_key(&key(2)));
@@ -593,9 +626,72 @@ pub(super) mod tests {
         assert_eq!(cache.rows_accounted(), 30);
         // Once 2 is unused, the big one fits (after evicting 2 and 3).
         cache.release(&key(2));
-        let big = cache.acquire(&key(5), || Ok(table(15, 5, false))).unwrap();
+        let big = cache.acquire(&key(5), |_| Ok(table(15, 5, false))).unwrap();
         assert!(matches!(big, FileUse::Table { .. }), "{big:?}");
         assert_eq!(cache.rows_accounted(), 30);
+    }
+
+    #[test]
+    fn a_table_that_cannot_fit_is_only_counted() {
+        let (mut cache, counters) = cache(UnwindMode::Dwarf, 30);
+        cache.acquire(&key(1), |_| Ok(table(10, 1, false))).unwrap();
+        cache.acquire(&key(2), |_| Ok(table(10, 2, false))).unwrap();
+        cache.release(&key(2));
+        // 10 rows free and 10 evictable: the builder is told 20.
+        let mut budgets = Vec::new();
+        let mut too_big = |budget| {
+            budgets.push(budget);
+            Ok(Built::TooBig {
+                rows: 25,
+                held: 0,
+                summary: TableSummary::default(),
+            })
+        };
+        let big = cache.acquire(&key(3), &mut too_big).unwrap();
+        assert_eq!(big, FileUse::NoRoom);
+        assert_eq!(budgets, [20]);
+        assert_eq!(cache.rows_needed(&key(3)), Some(25));
+        assert_eq!(counters.tables_over_memory.load(Ordering::Relaxed), 1);
+        // Nothing evicted or written for it.
+        assert!(cache.entries.contains_key(&key(2)));
+        assert_eq!(cache.sink.rows.len(), 20);
+        // Not built again while it still cannot fit.
+        cache.acquire(&key(3), |_| panic!("rebuilt")).unwrap();
+        // Once it can, it is.
+        cache.release(&key(1));
+        let loaded = cache.acquire(&key(3), |budget| {
+            assert_eq!(budget, 30);
+            Ok(table(25, 3, false))
+        });
+        assert!(matches!(loaded, Ok(FileUse::Table { .. })), "{loaded:?}");
+    }
+
+    #[test]
+    fn a_real_table_loads_whole_or_not_at_all() {
+        let data = std::fs::read("/lib/x86_64-linux-gnu/libc.so.6").expect("libc");
+        let full = UnwindTable::from_elf(&data).unwrap();
+        let rows = full.rows.len() as u32;
+        let build = |budget| UnwindTable::from_elf_within(&data, budget);
+        // Room for it: exactly the rows built without a budget.
+        let (mut roomy, _) = cache(UnwindMode::Dwarf, rows);
+        let FileUse::Table { slot, base } = roomy.acquire(&key(1), build).unwrap() else {
+            panic!("not loaded");
+        };
+        assert_eq!(base, full.base);
+        let file = roomy.sink.files[&slot];
+        assert_eq!(file.rows_len, rows);
+        let written: Vec<UnwindRow> = (file.rows_start..file.rows_start + rows)
+            .map(|i| roomy.sink.rows[&i])
+            .collect();
+        assert!(written == full.rows);
+        // One row short: counted, not loaded, and retried only once there
+        // is room for all of it.
+        let (mut tight, counters) = cache(UnwindMode::Dwarf, rows - 1);
+        let refused = tight.acquire(&key(1), build).unwrap();
+        assert_eq!(refused, FileUse::NoRoom);
+        assert_eq!(tight.rows_needed(&key(1)), Some(rows));
+        assert!(tight.sink.rows.is_empty());
+        assert_eq!(counters.files_built.load(Ordering::Relaxed), 1);
     }
 
     #[test]
@@ -603,12 +699,12 @@ pub(super) mod tests {
         let (mut cache, _) = cache(UnwindMode::Dwarf, 30);
         for n in 1..=3 {
             cache
-                .acquire(&key(n), || Ok(table(10, n as u8, false)))
+                .acquire(&key(n), |_| Ok(table(10, n as u8, false)))
                 .unwrap();
             cache.release(&key(n));
         }
         // All three evicted to make one contiguous 30-row extent.
-        let all = cache.acquire(&key(9), || Ok(table(30, 9, false))).unwrap();
+        let all = cache.acquire(&key(9), |_| Ok(table(30, 9, false))).unwrap();
         assert!(matches!(all, FileUse::Table { .. }));
         assert_eq!(cache.free.pieces(), 0);
     }
@@ -616,13 +712,13 @@ pub(super) mod tests {
     #[test]
     fn auto_mode_leaves_frame_pointer_files_out() {
         let (mut cache, counters) = cache(UnwindMode::Auto, 100);
-        let fp = cache.acquire(&key(1), || Ok(table(10, 1, true))).unwrap();
+        let fp = cache.acquire(&key(1), |_| Ok(table(10, 1, true))).unwrap();
         assert_eq!(fp, FileUse::FramePointers);
-        let no_fp = cache.acquire(&key(2), || Ok(table(10, 2, false))).unwrap();
+        let no_fp = cache.acquire(&key(2), |_| Ok(table(10, 2, false))).unwrap();
         assert!(matches!(no_fp, FileUse::Table { .. }));
         assert_eq!(counters.frame_pointer_files.load(Ordering::Relaxed), 1);
         let (mut cache, _) = super::tests::cache(UnwindMode::Dwarf, 100);
-        let fp = cache.acquire(&key(1), || Ok(table(10, 1, true))).unwrap();
+        let fp = cache.acquire(&key(1), |_| Ok(table(10, 1, true))).unwrap();
         assert!(matches!(fp, FileUse::Table { .. }));
     }
 
@@ -630,28 +726,28 @@ pub(super) mod tests {
     fn files_without_table_are_remembered() {
         let (mut cache, counters) = cache(UnwindMode::Dwarf, 100);
         let none = cache
-            .acquire(&key(1), || Err(TableError::NoUnwindInfo))
+            .acquire(&key(1), |_| Err(TableError::NoUnwindInfo))
             .unwrap();
         assert_eq!(none, FileUse::FramePointers);
-        cache.acquire(&key(1), || panic!("retried")).unwrap();
+        cache.acquire(&key(1), |_| panic!("retried")).unwrap();
         assert_eq!(counters.files_without_table.load(Ordering::Relaxed), 1);
     }
 
     #[test]
     fn idle_entries_are_pruned_oldest_first() {
         let (mut cache, counters) = cache(UnwindMode::Dwarf, 1000);
-        let loaded = cache.acquire(&key(0), || Ok(table(10, 1, false))).unwrap();
+        let loaded = cache.acquire(&key(0), |_| Ok(table(10, 1, false))).unwrap();
         assert!(matches!(loaded, FileUse::Table { .. }));
         cache.release(&key(0));
         for n in 1..=10 {
             cache
-                .acquire(&key(n), || Err(TableError::NoUnwindInfo))
+                .acquire(&key(n), |_| Err(TableError::NoUnwindInfo))
                 .unwrap();
             cache.release(&key(n));
         }
         // One still mapped.
         cache
-            .acquire(&key(11), || Err(TableError::NoUnwindInfo))
+            .acquire(&key(11), |_| Err(TableError::NoUnwindInfo))
             .unwrap();
         cache.prune(5);
         // The loaded table and the mapped file stay; of the idle ones, the
@@ -664,7 +760,7 @@ pub(super) mod tests {
         }
         assert_eq!(cache.prune_above, MAX_IDLE_ENTRIES);
         // A kept one is not built again.
-        cache.acquire(&key(10), || panic!("rebuilt")).unwrap();
+        cache.acquire(&key(10), |_| panic!("rebuilt")).unwrap();
         assert_eq!(counters.files_without_table.load(Ordering::Relaxed), 11);
     }
 
@@ -672,13 +768,13 @@ pub(super) mod tests {
     fn slots_run_out_before_rows() {
         let (mut cache, _) = cache(UnwindMode::Dwarf, 1000);
         for n in 0..8 {
-            let use_ = cache.acquire(&key(n), || Ok(table(1, 1, false))).unwrap();
+            let use_ = cache.acquire(&key(n), |_| Ok(table(1, 1, false))).unwrap();
             assert!(matches!(use_, FileUse::Table { .. }));
         }
-        let ninth = cache.acquire(&key(8), || Ok(table(1, 1, false))).unwrap();
+        let ninth = cache.acquire(&key(8), |_| Ok(table(1, 1, false))).unwrap();
         assert_eq!(ninth, FileUse::NoRoom);
         cache.release(&key(0));
-        let again = cache.acquire(&key(9), || Ok(table(1, 1, false))).unwrap();
+        let again = cache.acquire(&key(9), |_| Ok(table(1, 1, false))).unwrap();
         assert_eq!(
             again,
             FileUse::Table {

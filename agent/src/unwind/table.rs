@@ -153,6 +153,47 @@ pub struct TableSummary {
     pub unsupported_rows: usize,
 }
 
+impl TableSummary {
+    /// See [`UnwindTable::has_frame_pointers`].
+    pub fn has_frame_pointers(&self) -> bool {
+        self.framed_fdes > 0 && self.frame_pointer_fdes * 2 >= self.framed_fdes
+    }
+}
+
+/// What building within a row budget gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Built {
+    /// The table: at most the budget's rows.
+    Table(UnwindTable),
+    /// More rows than the budget: counted (exactly, as the table would
+    /// have them), not kept.
+    TooBig {
+        rows: usize,
+        /// The most rows held at once while counting (at most the budget).
+        held: usize,
+        summary: TableSummary,
+    },
+}
+
+impl From<UnwindTable> for Built {
+    fn from(table: UnwindTable) -> Built {
+        Built::Table(table)
+    }
+}
+
+/// Bytes of call frame information per row, about: 5 to 6 in glibc,
+/// libstdc++, libcrypto, bash, librustc_driver and libLLVM (0.17 to 0.20
+/// rows a byte); 4 makes the estimate a little above most files' count.
+const CFI_BYTES_PER_ROW: usize = 4;
+
+/// Estimated rows (8 MiB of them) from which a table is counted before it
+/// is built, to be held in one allocation of its size: a few files
+/// (libLLVM, librustc_driver, browsers) whose build sets the agent's peak
+/// memory (libLLVM: 30.2 → 23.7 MiB with the sort in place and 24-byte
+/// FDE references), at the cost of a second pass (about +60% of its
+/// build time, once per file).
+const BIG_TABLE_ROWS: usize = 1 << 20;
+
 /// One file's table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnwindTable {
@@ -180,11 +221,23 @@ type Slice<'a> = EndianSlice<'a, LittleEndian>;
 
 impl UnwindTable {
     /// Builds the table of an ELF image (a file's bytes, or the vDSO).
+    pub fn from_elf(data: &[u8]) -> Result<UnwindTable, TableError> {
+        match UnwindTable::from_elf_within(data, UNWIND_MAX_FILE_ROWS as usize)? {
+            Built::Table(table) => Ok(table),
+            // Past the per-file limit is an error before it is too big.
+            Built::TooBig { rows, .. } => Err(TableError::TooManyRows(rows)),
+        }
+    }
+
+    /// Builds the table of an ELF image if it has at most `budget` rows;
+    /// a larger one is only counted ([`Built::TooBig`]), holding at most
+    /// `budget` rows at any time, and none at all when the size of its
+    /// call frame information says it is likely too big.
     ///
     /// Two passes keep memory at the size of the result: the FDEs' address
     /// ranges are listed and sorted first, then each FDE is evaluated in
     /// address order and its rows appended.
-    pub fn from_elf(data: &[u8]) -> Result<UnwindTable, TableError> {
+    pub fn from_elf_within(data: &[u8], budget: usize) -> Result<Built, TableError> {
         let file = object::File::parse(data)?;
         if file.architecture() != object::Architecture::X86_64 {
             return Err(TableError::Architecture(file.architecture()));
@@ -201,97 +254,80 @@ impl UnwindTable {
         if let Some(got) = file.section_by_name(".got") {
             bases = bases.set_got(got.address());
         }
+        let mut cfi_bytes = 0;
         let eh_frame = section_data(".eh_frame").map(|(address, data)| {
+            cfi_bytes += data.len();
             let mut section = EhFrame::new(data, LittleEndian);
             section.set_address_size(8);
             (section, bases.clone().set_eh_frame(address))
         });
         let debug_frame = section_data(".debug_frame").map(|(_, data)| {
+            cfi_bytes += data.len();
             let mut section = DebugFrame::new(data, LittleEndian);
             section.set_address_size(8);
             section
         });
 
-        let mut summary = TableSummary::default();
+        let mut listed = TableSummary::default();
         let mut fdes = Vec::new();
         if let Some((section, bases)) = &eh_frame {
-            list_fdes(section, bases, Source::EhFrame, &mut fdes, &mut summary);
+            list_fdes(section, bases, Source::EhFrame, &mut fdes, &mut listed);
         }
         if let Some(section) = &debug_frame {
             // Only for code .eh_frame does not cover.
             let mut covered: Vec<(u64, u64)> = fdes.iter().map(|f| (f.start, f.end)).collect();
             covered.sort_unstable();
             let mut debug = Vec::new();
-            list_fdes(
-                section,
-                &bases,
-                Source::DebugFrame,
-                &mut debug,
-                &mut summary,
-            );
+            list_fdes(section, &bases, Source::DebugFrame, &mut debug, &mut listed);
             debug.retain(|f| {
                 let i = covered.partition_point(|&(_, e)| e <= f.start);
                 covered.get(i).is_none_or(|&(s, _)| s >= f.end)
             });
             fdes.extend(debug);
         }
-        // Stable: at equal starts the first listed (.eh_frame) wins.
-        fdes.sort_by_key(|f| f.start);
+        // As a stable sort by start (at equal starts the first listed,
+        // .eh_frame, wins: each section is listed in offset order), in
+        // place.
+        fdes.sort_unstable_by_key(|f| (f.start, f.source, f.offset));
         let (Some(first), Some(end)) = (fdes.first(), fdes.iter().map(|f| f.end).max()) else {
             return Err(TableError::NoUnwindInfo);
         };
         if end - first.start > u64::from(u32::MAX) {
             return Err(TableError::TooLarge(end - first.start));
         }
-        let mut writer = RowWriter::new(first.start);
-        let mut eh_cies = HashMap::new();
-        let mut debug_cies = HashMap::new();
-        let mut ctx = Box::new(UnwindContext::new());
-        for fde in &fdes {
-            let evaluated = match (fde.source, &eh_frame, &debug_frame) {
-                (Source::EhFrame, Some((section, bases)), _) => {
-                    evaluate(section, bases, fde, &mut eh_cies, &mut ctx, &mut writer)
-                }
-                (Source::DebugFrame, _, Some(section)) => {
-                    evaluate(section, &bases, fde, &mut debug_cies, &mut ctx, &mut writer)
-                }
-                _ => continue,
-            };
-            match evaluated {
-                Ok(counts) => {
-                    summary.fdes += 1;
-                    summary.debug_frame_fdes += usize::from(fde.source == Source::DebugFrame);
-                    summary.framed_fdes += usize::from(counts.framed);
-                    summary.frame_pointer_fdes += usize::from(counts.frame_pointer);
-                    summary.unsupported_rows += counts.unsupported_rows;
-                }
-                Err(_) => summary.bad_fdes += 1,
+        let sections = Sections {
+            eh_frame: eh_frame.as_ref(),
+            debug_frame: debug_frame.as_ref(),
+            bases: &bases,
+        };
+        let pass = |budget, reserve| sections.evaluate(&fdes, first.start, budget, reserve, listed);
+        // Likely too big: counted first, so that a table that does not
+        // fit never has its rows in memory (and one that does is built
+        // twice, which the estimate keeps rare). A big one is counted
+        // first too, to hold its rows in one allocation of their size
+        // rather than in a doubling vector (up to twice that, and three
+        // times while it moves).
+        let estimate = cfi_bytes / CFI_BYTES_PER_ROW;
+        if estimate > budget || estimate > BIG_TABLE_ROWS {
+            let counted = pass(0, 0);
+            if counted.count > budget || counted.count <= 1 {
+                return counted.finish(first.start);
             }
+            return pass(budget, counted.count).finish(first.start);
         }
-        let rows = writer.finish();
-        if rows.len() > UNWIND_MAX_FILE_ROWS as usize {
-            return Err(TableError::TooManyRows(rows.len()));
-        }
-        if rows.len() <= 1 {
-            return Err(TableError::NoUnwindInfo);
-        }
-        Ok(UnwindTable {
-            base: first.start,
-            pages: page_index(&rows),
-            rows,
-            summary,
-        })
+        pass(budget, 0).finish(first.start)
     }
 
     #[cfg(test)]
     fn from_spans(mut spans: Vec<Span>, summary: TableSummary) -> Result<UnwindTable, TableError> {
         spans.sort_by_key(|s| s.start);
         let base = spans[0].start;
-        let mut writer = RowWriter::new(base);
+        let mut writer = RowWriter::new(base, usize::MAX);
         for span in &spans {
             writer.span(span.start, span.end, span.rule.encode());
         }
-        let rows = writer.finish();
+        let (rows, _, _) = writer.finish();
+        let rows = rows.unwrap_or_default();
         Ok(UnwindTable {
             base,
             pages: page_index(&rows),
@@ -329,8 +365,7 @@ impl UnwindTable {
     /// then, and code without frame pointers sets one up only for
     /// `alloca` or stack realignment: 2.5% of glibc's framed functions.)
     pub fn has_frame_pointers(&self) -> bool {
-        let s = &self.summary;
-        s.framed_fdes > 0 && s.frame_pointer_fdes * 2 >= s.framed_fdes
+        self.summary.has_frame_pointers()
     }
 }
 
@@ -376,21 +411,117 @@ fn is_compressed(section: &object::Section<'_, '_>) -> bool {
     }
 }
 
-/// Which section an FDE is in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The sections a table is built from.
+struct Sections<'s, 'a> {
+    eh_frame: Option<&'s (EhFrame<Slice<'a>>, BaseAddresses)>,
+    debug_frame: Option<&'s DebugFrame<Slice<'a>>>,
+    bases: &'s BaseAddresses,
+}
+
+/// One pass over the FDEs.
+struct Pass {
+    /// The rows, when there are at most the budget's.
+    rows: Option<Vec<UnwindRow>>,
+    count: usize,
+    held: usize,
+    summary: TableSummary,
+}
+
+impl Sections<'_, '_> {
+    /// Evaluates `fdes` (sorted) in address order, keeping the rows while
+    /// there are at most `budget` (room for `reserve` made at once).
+    fn evaluate(
+        &self,
+        fdes: &[FdeRef],
+        base: u64,
+        budget: usize,
+        reserve: usize,
+        listed: TableSummary,
+    ) -> Pass {
+        let mut summary = listed;
+        let mut writer = RowWriter::new(base, budget);
+        writer.rows.reserve_exact(reserve.min(budget));
+        let mut eh_cies = HashMap::new();
+        let mut debug_cies = HashMap::new();
+        let mut ctx = Box::new(UnwindContext::new());
+        for fde in fdes {
+            let evaluated = match (fde.source, self.eh_frame, self.debug_frame) {
+                (Source::EhFrame, Some((section, bases)), _) => {
+                    evaluate(section, bases, fde, &mut eh_cies, &mut ctx, &mut writer)
+                }
+                (Source::DebugFrame, _, Some(section)) => evaluate(
+                    section,
+                    self.bases,
+                    fde,
+                    &mut debug_cies,
+                    &mut ctx,
+                    &mut writer,
+                ),
+                _ => continue,
+            };
+            match evaluated {
+                Ok(counts) => {
+                    summary.fdes += 1;
+                    summary.debug_frame_fdes += usize::from(fde.source == Source::DebugFrame);
+                    summary.framed_fdes += usize::from(counts.framed);
+                    summary.frame_pointer_fdes += usize::from(counts.frame_pointer);
+                    summary.unsupported_rows += counts.unsupported_rows;
+                }
+                Err(_) => summary.bad_fdes += 1,
+            }
+        }
+        let (rows, count, held) = writer.finish();
+        Pass {
+            rows,
+            count,
+            held,
+            summary,
+        }
+    }
+}
+
+impl Pass {
+    fn finish(self, base: u64) -> Result<Built, TableError> {
+        if self.count > UNWIND_MAX_FILE_ROWS as usize {
+            return Err(TableError::TooManyRows(self.count));
+        }
+        if self.count <= 1 {
+            return Err(TableError::NoUnwindInfo);
+        }
+        Ok(match self.rows {
+            Some(rows) => Built::Table(UnwindTable {
+                base,
+                pages: page_index(&rows),
+                rows,
+                summary: self.summary,
+            }),
+            None => Built::TooBig {
+                rows: self.count,
+                held: self.held,
+                summary: self.summary,
+            },
+        })
+    }
+}
+
+/// Which section an FDE is in (`.eh_frame` first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Source {
     EhFrame,
     DebugFrame,
 }
 
-/// An FDE's address range and where to find it again.
+/// An FDE's address range and where to find it again (24 bytes: a large
+/// library has 100 000s).
 #[derive(Debug, Clone, Copy)]
 struct FdeRef {
     start: u64,
     end: u64,
-    offset: usize,
+    offset: u32,
     source: Source,
 }
+
+const _: () = assert!(std::mem::size_of::<FdeRef>() == 24);
 
 /// Lists the FDEs (with code) of `section`.
 fn list_fdes<'a, S>(
@@ -418,7 +549,10 @@ fn list_fdes<'a, S>(
         let CieOrFde::Fde(partial) = entry else {
             continue;
         };
-        let offset = partial.offset();
+        let Ok(offset) = u32::try_from(partial.offset()) else {
+            summary.bad_fdes += 1;
+            continue;
+        };
         match partial.parse(|section, bases, cie| cached_cie(&mut cies, section, bases, cie)) {
             Ok(fde) if fde.end_address() > fde.initial_address() => fdes.push(FdeRef {
                 start: fde.initial_address(),
@@ -468,7 +602,7 @@ where
     S: UnwindSection<Slice<'a>>,
 {
     let parsed = section
-        .partial_fde_from_offset(bases, S::Offset::from(fde.offset))?
+        .partial_fde_from_offset(bases, S::Offset::from(fde.offset as usize))?
         .parse(|section, bases, cie| cached_cie(cies, section, bases, cie))?;
     let signal = parsed.is_signal_trampoline();
     let mut counts = FdeCounts::default();
@@ -490,19 +624,32 @@ where
 
 /// Appends rows in address order: overlaps trimmed (the first to cover an
 /// address wins), gaps marked, repeats of the previous rule left out.
+/// Past `budget` rows it only counts them.
 struct RowWriter {
     base: u64,
+    /// The rows, while there are at most `budget`.
     rows: Vec<UnwindRow>,
+    budget: usize,
+    /// Rows appended so far, kept or not.
+    count: usize,
+    /// The most rows held at once.
+    held: usize,
+    /// The last row appended, kept or not.
+    last: Option<UnwindRow>,
     covered_to: Option<u64>,
 }
 
 const GAP: (u16, u8, i8) = (0, UNWIND_CFA_NONE, 0);
 
 impl RowWriter {
-    fn new(base: u64) -> Self {
+    fn new(base: u64, budget: usize) -> Self {
         RowWriter {
             base,
             rows: Vec::new(),
+            budget,
+            count: 0,
+            held: 0,
+            last: None,
             covered_to: None,
         }
     }
@@ -530,21 +677,49 @@ impl RowWriter {
             rule,
             fp_offset,
         };
-        match self.rows.last_mut() {
+        match self.last {
             // Same rule as the row before: redundant.
-            Some(last) if same_rule(last, &row) => {}
+            Some(last) if same_rule(&last, &row) => return,
             // Same address (a zero-length range before): replaced.
-            Some(last) if last.pc == row.pc => *last = row,
-            _ => self.rows.push(row),
+            Some(last) if last.pc == row.pc => {
+                if let Some(kept) = self.rows.last_mut() {
+                    *kept = row;
+                }
+            }
+            _ => self.append(row),
         }
+        self.last = Some(row);
     }
 
-    fn finish(mut self) -> Vec<UnwindRow> {
+    fn append(&mut self, row: UnwindRow) {
+        self.count += 1;
+        if self.count > self.budget {
+            // Over the budget: the rest is only counted.
+            if self.rows.capacity() > 0 {
+                self.rows = Vec::new();
+            }
+            return;
+        }
+        if self.rows.len() == self.rows.capacity() {
+            // Doubling, but never past the budget.
+            let more = self.rows.len().max(1024).min(self.budget - self.rows.len());
+            self.rows.reserve_exact(more);
+        }
+        self.rows.push(row);
+        self.held = self.rows.len();
+    }
+
+    /// The rows (unless past the budget), how many there are and the
+    /// most held at once.
+    fn finish(mut self) -> (Option<Vec<UnwindRow>>, usize, usize) {
         if let Some(c) = self.covered_to {
             self.push(c, GAP);
         }
+        if self.count > self.budget {
+            return (None, self.count, self.held);
+        }
         self.rows.shrink_to_fit();
-        self.rows
+        (Some(self.rows), self.count, self.held)
     }
 }
 
@@ -724,10 +899,82 @@ mod tests {
         assert!(UnwindTable::from_elf(&[]).is_err());
     }
 
+    fn libc() -> Vec<u8> {
+        std::fs::read("/lib/x86_64-linux-gnu/libc.so.6").expect("libc")
+    }
+
+    #[test]
+    fn a_table_within_its_budget_is_built_as_without_one() {
+        let data = libc();
+        let full = UnwindTable::from_elf(&data).unwrap();
+        let rows = full.rows.len();
+        let file = object::File::parse(&*data).unwrap();
+        let eh_frame = file.section_by_name(".eh_frame").unwrap().size() as usize;
+        let estimate = eh_frame / CFI_BYTES_PER_ROW;
+        // At its row count it is counted first (the estimate is above),
+        // above the estimate built at once: the same table either way.
+        assert!(estimate > rows, "{estimate} {rows}");
+        for budget in [rows, estimate + 1, usize::MAX] {
+            let built = UnwindTable::from_elf_within(&data, budget).unwrap();
+            assert!(built == Built::Table(full.clone()), "budget {budget}");
+        }
+    }
+
+    #[test]
+    fn a_table_over_its_budget_is_counted_without_holding_its_rows() {
+        let data = libc();
+        let full = UnwindTable::from_elf(&data).unwrap();
+        for budget in [0, 100, full.rows.len() - 1] {
+            let built = UnwindTable::from_elf_within(&data, budget).unwrap();
+            let Built::TooBig {
+                rows,
+                held,
+                summary,
+            } = built
+            else {
+                panic!("budget {budget}: built");
+            };
+            assert_eq!(rows, full.rows.len(), "budget {budget}");
+            assert_eq!(summary, full.summary);
+            // The size of its call frame information gave it away.
+            assert_eq!(held, 0, "budget {budget}");
+        }
+    }
+
+    #[test]
+    fn a_writer_past_its_budget_drops_its_rows_and_keeps_counting() {
+        let spans: Vec<Span> = (0..500u64)
+            .map(|i| {
+                let cfa = match i % 3 {
+                    0 => Cfa::Sp(8),
+                    1 => Cfa::Sp(16),
+                    _ => Cfa::Fp(16),
+                };
+                // Every fifth function is followed by a gap.
+                span(i * 16, i * 16 + 12 + 4 * u64::from(i % 5 != 0), cfa)
+            })
+            .collect();
+        let write = |budget| {
+            let mut writer = RowWriter::new(0, budget);
+            for s in &spans {
+                writer.span(s.start, s.end, s.rule.encode());
+            }
+            writer.finish()
+        };
+        let (Some(all), count, held) = write(usize::MAX) else {
+            panic!("no rows without a budget");
+        };
+        assert_eq!((all.len(), held), (count, count));
+        assert!(count > 500, "{count}");
+        assert_eq!(write(count), (Some(all.clone()), count, count));
+        assert_eq!(write(count - 1), (None, count, count - 1));
+        assert_eq!(write(10), (None, count, 10));
+        assert_eq!(write(0), (None, count, 0));
+    }
+
     #[test]
     fn libc_table_is_sorted_and_covers_its_functions() {
-        let data = std::fs::read("/lib/x86_64-linux-gnu/libc.so.6").expect("libc");
-        let table = UnwindTable::from_elf(&data).unwrap();
+        let table = UnwindTable::from_elf(&libc()).unwrap();
         assert!(table.summary.fdes > 1000, "{:?}", table.summary);
         assert!(table.rows.windows(2).all(|w| w[0].pc < w[1].pc));
         assert!(table.rows.windows(2).all(|w| !same_rule(&w[0], &w[1])));

@@ -36,7 +36,7 @@ use hearth_ebpf::{
 
 use super::cache::{Extents, FileUse, TableCache, TableSink};
 use super::elf::{ElfFacts, FileKey};
-use super::table::{TableError, UnwindTable};
+use super::table::{Built, TableError, UnwindTable};
 use super::{Counters, Msg};
 use crate::process::start_time;
 use crate::symbolize::maps::{Backing, MapEntry, ProcMaps};
@@ -404,7 +404,7 @@ impl<S: TableSink> Worker<S> {
         if (entry.end - entry.start) as usize == vdso.image.len() {
             if let Some(bias) = vdso.facts.load_bias(entry.start, entry.offset) {
                 let key = vdso.facts.key.clone();
-                let mut build = || UnwindTable::from_elf(&vdso.image);
+                let mut build = |budget| UnwindTable::from_elf_within(&vdso.image, budget);
                 if let Some(file_use) = self.acquire(pid, sampled, &key, &mut build) {
                     files.push(key);
                     set_use(&mut mapping, file_use, bias);
@@ -423,7 +423,7 @@ impl<S: TableSink> Worker<S> {
         pid: u32,
         sampled: bool,
         key: &FileKey,
-        build: &mut dyn FnMut() -> Result<UnwindTable, TableError>,
+        build: &mut dyn FnMut(usize) -> Result<Built, TableError>,
     ) -> Option<FileUse> {
         loop {
             let file_use = match self.cache.acquire(key, &mut *build) {
@@ -531,12 +531,12 @@ impl<S: TableSink> Worker<S> {
         let Some(bias) = facts.load_bias(entry.start, entry.offset) else {
             return mapping;
         };
-        let mut build = || {
+        let mut build = |budget| {
             let data = match opened.take() {
                 Some(data) => data,
                 None => map_file(&open_path).map_err(TableError::Io)?,
             };
-            UnwindTable::from_elf(&data)
+            UnwindTable::from_elf_within(&data, budget)
         };
         if let Some(file_use) = self.acquire(pid, sampled, &facts.key, &mut build) {
             files.push(facts.key);
