@@ -307,6 +307,20 @@ mod tests {
         assert!(depths[0] > depths[1] + 3.0, "{depths:?}");
     }
 
+    /// Every switch-out has exactly one outcome.
+    fn assert_switch_outs_accounted_for(st: &BpfStats) {
+        assert_eq!(
+            st.get(Stat::OffCpuSwitches),
+            st.get(Stat::OffCpuIdle)
+                + st.get(Stat::OffCpuExiting)
+                + st.get(Stat::OffCpuFiltered)
+                + st.get(Stat::OffCpuUnsampled)
+                + st.get(Stat::OffCpuStarted)
+                + st.get(Stat::OffCpuNoThreadStorage),
+            "every switch-out is accounted for: {st:?}"
+        );
+    }
+
     fn off_cpu_sampler(min: Duration, sample_probability: f64) -> Sampler {
         off_cpu_sampler_with(min, sample_probability, false)
     }
@@ -378,16 +392,7 @@ mod tests {
         let window = sampler.drain().unwrap();
         let in_pending = sampler.off_cpu_pending().unwrap();
         let st = window.stats;
-        assert_eq!(
-            st.get(Stat::OffCpuSwitches),
-            st.get(Stat::OffCpuIdle)
-                + st.get(Stat::OffCpuExiting)
-                + st.get(Stat::OffCpuFiltered)
-                + st.get(Stat::OffCpuUnsampled)
-                + st.get(Stat::OffCpuStarted)
-                + st.get(Stat::OffCpuNoThreadStorage),
-            "every switch-out is accounted for: {st:?}"
-        );
+        assert_switch_outs_accounted_for(&st);
         // Every followed thread woke, or is off CPU still: at most one wait
         // per thread of this process (the pid filter) is open at the stop.
         let started = st.get(Stat::OffCpuStarted);
@@ -547,16 +552,7 @@ mod tests {
         sampler.stop().unwrap();
         let window = sampler.drain().unwrap();
         let st = window.stats;
-        assert_eq!(
-            st.get(Stat::OffCpuSwitches),
-            st.get(Stat::OffCpuIdle)
-                + st.get(Stat::OffCpuExiting)
-                + st.get(Stat::OffCpuFiltered)
-                + st.get(Stat::OffCpuUnsampled)
-                + st.get(Stat::OffCpuStarted)
-                + st.get(Stat::OffCpuNoThreadStorage),
-            "every switch-out is accounted for: {st:?}"
-        );
+        assert_switch_outs_accounted_for(&st);
         let followed = st.get(Stat::OffCpuStarted) + st.get(Stat::OffCpuNoThreadStorage);
         let skipped = st.get(Stat::OffCpuUnsampled);
         // The first 100 ms of each CPU follow everything; after that about
