@@ -18,6 +18,9 @@ pub mod names {
     pub const OFF_CPU_RSEQ_PROGRAM: &str = "off_cpu_rseq_return";
     /// Per-thread off-CPU state (task storage, kernel-private).
     pub const OFF_CPU_THREADS: &str = "OFF_CPU_THREADS";
+    /// Array of u32: per slot, the threads hashed there that have a wait
+    /// started or pending (see agent-ebpf's off_cpu.rs).
+    pub const OFF_CPU_GATE: &str = "OFF_CPU_GATE";
     /// Global: blocked time below this many nanoseconds is not recorded.
     pub const OFF_CPU_MIN_NS: &str = "OFF_CPU_MIN_NS";
     /// Global: a switch-out is followed when `bpf_get_prandom_u32()` is

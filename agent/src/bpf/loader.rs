@@ -458,6 +458,21 @@ impl Sampler {
             .map_err(map_error(names::CONTROL))?;
         Ok(u64::from(pending))
     }
+
+    /// Threads the off-CPU programs count as having a wait started or
+    /// pending, summed over the slots of their switch-in gate.
+    pub fn off_cpu_gate_held(&self) -> Result<u64, BpfError> {
+        let map = self
+            .ebpf
+            .map(names::OFF_CPU_GATE)
+            .ok_or(BpfError::Missing(names::OFF_CPU_GATE))?;
+        let gate: Array<_, u32> = Array::try_from(map).map_err(map_error(names::OFF_CPU_GATE))?;
+        let mut held = 0;
+        for slot in gate.iter() {
+            held += u64::from(slot.map_err(map_error(names::OFF_CPU_GATE))?);
+        }
+        Ok(held)
+    }
 }
 
 /// The off-CPU programs and the BTF tracepoints they attach to.

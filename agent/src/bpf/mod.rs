@@ -355,6 +355,38 @@ mod tests {
         .expect("loading the eBPF programs (needs root and BPF)")
     }
 
+    /// A thread with a wait started holds a count in the switch-in gate
+    /// (the switch-in of a thread without one skips its storage), and gives
+    /// it back once the wait is recorded or the thread exits.
+    #[test]
+    fn off_cpu_gate_counts_waiting_threads_and_gives_them_back() {
+        const THREADS: u64 = 40;
+        let mut sampler = off_cpu_sampler(Duration::from_millis(1), 1.0);
+        let threads_alive = || std::fs::read_dir("/proc/self/task").unwrap().count() as u64;
+        let sleepers: Vec<_> = (0..THREADS)
+            .map(|_| sleeper(1, Duration::from_millis(400)))
+            .collect();
+        std::thread::sleep(Duration::from_millis(150));
+        let held_while_asleep = sampler.off_cpu_gate_held().unwrap();
+        for sleeper in sleepers {
+            sleeper.join().unwrap();
+        }
+        let alive_before = threads_alive();
+        let held_after = sampler.off_cpu_gate_held().unwrap();
+        let alive = alive_before.max(threads_alive());
+        // Other tests' threads of this process are followed too: each holds
+        // at most one count.
+        assert!(
+            held_while_asleep >= THREADS,
+            "{held_while_asleep} held while {THREADS} threads slept"
+        );
+        assert!(
+            held_after <= alive,
+            "{held_after} held after the sleepers exited, {alive} threads alive"
+        );
+        assert_switch_outs_accounted_for(&sampler.drain().unwrap().stats);
+    }
+
     /// Every followed switch is accounted for: short waits are counted and
     /// not recorded, long ones are recorded with their time, and the
     /// counters add up with what is still in flight. Waits in system calls
