@@ -31,6 +31,9 @@ pub mod names {
     /// Global: non-zero when `off_cpu_syscall_exit` is attached (the
     /// kernel has no `rseq_update` tracepoint); see agent-ebpf's off_cpu.rs.
     pub const OFF_CPU_SYSCALL_EXIT: &str = "OFF_CPU_SYSCALL_EXIT";
+    /// Global: non-zero makes the off-CPU programs return at once (the
+    /// benchmark's floor: the cost of the tracepoints alone).
+    pub const OFF_CPU_EMPTY: &str = "OFF_CPU_EMPTY";
     pub const CONTROL: &str = "CONTROL";
     pub const STATS: &str = "STATS";
     pub const PID_FILTER: &str = "PID_FILTER";

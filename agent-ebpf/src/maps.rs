@@ -150,6 +150,11 @@ pub static OFF_CPU_MAX_RATE: u64 = 0;
 #[unsafe(no_mangle)]
 pub static OFF_CPU_SYSCALL_EXIT: u8 = 1;
 
+/// Non-zero: the off-CPU programs return at once (the benchmark's floor);
+/// the verifier then drops their bodies.
+#[unsafe(no_mangle)]
+pub static OFF_CPU_EMPTY: u8 = 0;
+
 // Volatile reads: otherwise the compiler folds the initial values into the
 // code and userspace's overrides have no effect.
 #[inline(always)]
@@ -231,6 +236,11 @@ pub fn off_cpu_sample_below() -> u32 {
 #[inline(always)]
 pub fn off_cpu_max_rate() -> u64 {
     unsafe { core::ptr::read_volatile(&OFF_CPU_MAX_RATE) }
+}
+
+#[inline(always)]
+pub fn off_cpu_empty() -> bool {
+    unsafe { core::ptr::read_volatile(&OFF_CPU_EMPTY) != 0 }
 }
 
 #[inline(always)]

@@ -74,9 +74,10 @@ use hearth_ebpf::{
 };
 
 use crate::maps::{
-    add, add_count, control, control_add, count, filtered_out, off_cpu_max_rate, off_cpu_min_ns,
-    off_cpu_sample_below, store_stack, syscall_exit_attached, with_window, TaskStorage, Window,
-    SCRATCH_STACK, SCRATCH_SWITCH_KERNEL, SCRATCH_SWITCH_USER, SCRATCH_SYSCALL_EXIT,
+    add, add_count, control, control_add, count, filtered_out, off_cpu_empty, off_cpu_max_rate,
+    off_cpu_min_ns, off_cpu_sample_below, store_stack, syscall_exit_attached, with_window,
+    TaskStorage, Window, SCRATCH_STACK, SCRATCH_SWITCH_KERNEL, SCRATCH_SWITCH_USER,
+    SCRATCH_SYSCALL_EXIT,
 };
 use crate::stack::{hash_stack, task_user_regs, walk_user_stack, UserRegs, KERNEL_SEED, USER_SEED};
 
@@ -275,6 +276,9 @@ impl Clock {
 ///               struct task_struct *next, unsigned int prev_state)`
 #[btf_tracepoint(function = "sched_switch")]
 pub fn off_cpu_switch(ctx: BtfTracePointContext) -> u32 {
+    if off_cpu_empty() {
+        return 0;
+    }
     count(Stat::OffCpuSwitches);
     // One clock read serves both threads: one left the CPU when the other
     // got it.
@@ -293,7 +297,7 @@ pub fn off_cpu_switch(ctx: BtfTracePointContext) -> u32 {
 /// `rseq_update` is missing.
 #[btf_tracepoint(function = "sys_exit")]
 pub fn off_cpu_syscall_exit(_ctx: BtfTracePointContext) -> u32 {
-    if !check_due() {
+    if off_cpu_empty() || !check_due() {
         return 0;
     }
     match try_record_pending(true) {
@@ -314,7 +318,7 @@ pub fn off_cpu_syscall_exit(_ctx: BtfTracePointContext) -> u32 {
 pub fn off_cpu_rseq_return(_ctx: BtfTracePointContext) -> u32 {
     // Runs after nearly every switch of the host, and most runs have
     // nothing to do.
-    if !check_due() {
+    if off_cpu_empty() || !check_due() {
         return 0;
     }
     match try_record_pending(false) {

@@ -262,6 +262,11 @@ pub struct OffCpuArgs {
     /// `rseq_update` tracepoint (for the benchmark of that fallback).
     #[arg(long, hide = true)]
     pub off_cpu_syscall_exit: bool,
+
+    /// Attach the off-CPU programs but have them return at once: what the
+    /// tracepoints alone cost (for the benchmark's floor; records nothing).
+    #[arg(long, hide = true)]
+    pub off_cpu_empty_programs: bool,
 }
 
 impl OffCpuArgs {

@@ -44,6 +44,9 @@ pub struct OffCpuOptions {
     /// `rseq_update` tracepoint, even where it exists: for tests and the
     /// benchmark of that fallback.
     pub force_syscall_exit: bool,
+    /// Attach the programs, but have them return at once: the cost of the
+    /// tracepoints alone, for the benchmark.
+    pub empty_programs: bool,
 }
 
 impl Default for OffCpuOptions {
@@ -53,6 +56,7 @@ impl Default for OffCpuOptions {
             sample_probability: 1.0,
             max_rate: crate::config::DEFAULT_OFF_CPU_MAX_RATE,
             force_syscall_exit: false,
+            empty_programs: false,
         }
     }
 }
@@ -198,6 +202,8 @@ impl Sampler {
             && rseq_update_follows_every_switch(&btf);
         let syscall_exit = u8::from(!use_rseq);
         loader.override_global(names::OFF_CPU_SYSCALL_EXIT, &syscall_exit, true);
+        let empty = u8::from(off_cpu.empty_programs);
+        loader.override_global(names::OFF_CPU_EMPTY, &empty, true);
         let tables = u8::from(opts.unwind != UnwindMode::Fp);
         loader.override_global(names::UNWIND_TABLES, &tables, true);
         if tables != 0 {

@@ -307,6 +307,16 @@ mod tests {
         assert!(depths[0] > depths[1] + 3.0, "{depths:?}");
     }
 
+    /// Waits recorded for thread `tid` in `window`, and their nanoseconds.
+    fn thread_off_cpu(window: &RawWindow, tid: u32) -> (u64, u64) {
+        window
+            .samples
+            .iter()
+            .filter(|s| s.tid == tid)
+            .filter_map(|s| s.off_cpu.map(|o| (s.count, o.blocked_ns)))
+            .fold((0, 0), |(n, ns), (c, b)| (n + c, ns + b))
+    }
+
     /// Every switch-out has exactly one outcome.
     fn assert_switch_outs_accounted_for(st: &BpfStats) {
         assert_eq!(
@@ -348,11 +358,40 @@ mod tests {
                 sample_probability,
                 max_rate,
                 force_syscall_exit,
+                ..OffCpuOptions::default()
             }),
             pids: vec![std::process::id()],
             ..SamplerOptions::default()
         })
         .expect("loading the eBPF programs (needs root and BPF)")
+    }
+
+    /// The benchmark's floor: the programs attach, and count and record
+    /// nothing.
+    #[test]
+    fn empty_off_cpu_programs_record_nothing() {
+        let mut sampler = Sampler::start(&SamplerOptions {
+            frequency_hz: 0,
+            off_cpu: Some(OffCpuOptions {
+                min_ns: 0,
+                max_rate: 0,
+                empty_programs: true,
+                ..OffCpuOptions::default()
+            }),
+            pids: vec![std::process::id()],
+            ..SamplerOptions::default()
+        })
+        .expect("loading the eBPF programs (needs root and BPF)");
+        assert!(sampler.off_cpu(), "the off-CPU programs are loaded");
+        sleeper(20, Duration::from_millis(2)).join().unwrap();
+        let window = sampler.drain().unwrap();
+        assert_eq!(
+            window.stats.get(Stat::OffCpuSwitches),
+            0,
+            "{:?}",
+            window.stats
+        );
+        assert!(window.samples.is_empty());
     }
 
     /// A thread with a wait started holds a count in the switch-in gate
@@ -444,17 +483,7 @@ mod tests {
             "every wake-up is skipped, recorded, lost or pending: {st:?}"
         );
         assert!(st.get(Stat::OffCpuBelowMin) >= 40, "{st:?}");
-        let blocked = |tid: u32| -> (u64, u64) {
-            window
-                .samples
-                .iter()
-                .filter_map(|s| {
-                    s.off_cpu
-                        .filter(|_| s.tid == tid)
-                        .map(|o| (s.count, o.blocked_ns))
-                })
-                .fold((0, 0), |(n, ns), (c, b)| (n + c, ns + b))
-        };
+        let blocked = |tid: u32| thread_off_cpu(&window, tid);
         // A 2 ms sleep is under the 10 ms minimum, unless a busy machine
         // keeps the woken thread off CPU past it: then the wait really was
         // that long. Every recorded wait is at least the minimum.
@@ -594,18 +623,7 @@ mod tests {
             skipped >= 500 && share < 0.6,
             "{followed} followed, {skipped} skipped: {st:?}"
         );
-        let ns: u64 = window
-            .samples
-            .iter()
-            .filter(|s| s.tid == tid)
-            .filter_map(|s| s.off_cpu.map(|o| o.blocked_ns))
-            .sum();
-        let waits: u64 = window
-            .samples
-            .iter()
-            .filter(|s| s.tid == tid && s.off_cpu.is_some())
-            .map(|s| s.count)
-            .sum();
+        let (waits, ns) = thread_off_cpu(&window, tid);
         // 1 ms sleeps are all above the minimum: every wait followed is
         // recorded.
         let ratio = ns as f64 / slept.as_nanos() as f64;
@@ -638,12 +656,7 @@ mod tests {
         let skipped = st.get(Stat::OffCpuUnsampled);
         let share = skipped as f64 / st.get(Stat::OffCpuSwitches) as f64;
         assert!((0.35..=0.65).contains(&share), "{share:.2} skipped: {st:?}");
-        let ns: u64 = window
-            .samples
-            .iter()
-            .filter(|s| s.tid == tid)
-            .filter_map(|s| s.off_cpu.map(|o| o.blocked_ns))
-            .sum();
+        let (_, ns) = thread_off_cpu(&window, tid);
         // The kernel scaled each followed wait up by 2.
         let estimate_ms = ns / 1_000_000;
         assert!(

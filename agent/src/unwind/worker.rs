@@ -745,13 +745,18 @@ mod tests {
         assert_eq!(w.counters.snapshot().processes_loaded, 1);
     }
 
+    /// A child process that sleeps for longer than any test runs.
+    fn sleep_child() -> std::process::Child {
+        std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep(1) runs")
+    }
+
     #[test]
     fn exited_processes_are_forgotten() {
         let mut w = worker(UnwindMode::Dwarf);
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .unwrap();
+        let mut child = sleep_child();
         let pid = child.id();
         // Scanned once it runs `sleep`, not half-way through exec.
         let comm = format!("/proc/{pid}/comm");
@@ -791,10 +796,7 @@ mod tests {
     #[test]
     fn a_reap_after_the_first_finds_exits_from_the_pid_list() {
         let mut w = worker(UnwindMode::Dwarf);
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .unwrap();
+        let mut child = sleep_child();
         let pid = child.id();
         // Tracked under a start time it does not have: only a full reap
         // (the first) reads it and drops it.
@@ -819,10 +821,7 @@ mod tests {
         w.reap();
         assert!(!w.processes.contains_key(&pid), "read at a full reap");
         // An exit is found from the list alone.
-        let mut other = std::process::Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .unwrap();
+        let mut other = sleep_child();
         let other_pid = other.id();
         w.observe(other_pid, false);
         assert!(w.processes.contains_key(&other_pid));

@@ -17,7 +17,10 @@
 //!   the rate cap, bpf_stats off;
 //! - `--off-cpu --off-cpu-min 0` (every wait recorded), bpf_stats on;
 //! - `--off-cpu` with waits in system calls taken at `sys_exit`, as on
-//!   kernels without the `rseq_update` tracepoint, bpf_stats on.
+//!   kernels without the `rseq_update` tracepoint, bpf_stats on;
+//! - the floor: the same tracepoints attached, with programs that return
+//!   at once (hidden `--off-cpu-empty-programs`), bpf_stats off: what
+//!   hooking every switch costs before the programs do anything.
 //!
 //! This VM is shared and its speed drifts within a minute, so rounds are
 //! interleaved, the order rotates from round to round, and the slowdown of
@@ -74,7 +77,7 @@ struct Config {
     bpf_stats: bool,
 }
 
-const CONFIGS: [Config; 6] = [
+const CONFIGS: [Config; 7] = [
     Config {
         label: "off",
         record_args: None,
@@ -106,6 +109,11 @@ const CONFIGS: [Config; 6] = [
         record_args: Some(&["--off-cpu-syscall-exit"]),
         bpf_stats: true,
     },
+    Config {
+        label: "floor: `--off-cpu` programs attached but returning at once, bpf_stats off",
+        record_args: Some(&["--off-cpu-empty-programs"]),
+        bpf_stats: false,
+    },
 ];
 /// Index in `CONFIGS` of the unprofiled baseline.
 const BASELINE: usize = 0;
@@ -113,6 +121,8 @@ const BASELINE: usize = 0;
 const TARGET_CONFIG: usize = 1;
 /// Index in `CONFIGS` of the same configuration with BPF runs timed.
 const TARGET_CONFIG_TIMED: usize = 2;
+/// Index in `CONFIGS` of the empty programs.
+const FLOOR_CONFIG: usize = 6;
 
 /// Run time and run count of one BPF program.
 #[derive(Debug, Default, Clone, Copy)]
@@ -810,6 +820,7 @@ fn report(results: &[Vec<RoundResult>]) -> String {
     out.push_str(&verdict(
         &summaries[TARGET_CONFIG],
         &summaries[TARGET_CONFIG_TIMED],
+        &summaries[FLOOR_CONFIG],
         unprofiled_round_trip_ns,
     ));
     out.push('\n');
@@ -823,8 +834,14 @@ fn implied_slowdown_percent(added_ns: f64, round_trip_ns: f64) -> f64 {
 }
 
 /// Whether the default threshold met the target, said plainly, with what
-/// the BPF programs alone add to a round trip as a less noisy check.
-fn verdict(target: &Summary, timed: &Summary, unprofiled_round_trip_ns: f64) -> String {
+/// the BPF programs alone add to a round trip as a less noisy check, and
+/// what hooking the switches costs by itself.
+fn verdict(
+    target: &Summary,
+    timed: &Summary,
+    floor: &Summary,
+    unprofiled_round_trip_ns: f64,
+) -> String {
     let Some((median, low, high)) = target.slowdown_range() else {
         return "Target not evaluated: no slowdown measured.".to_string();
     };
@@ -855,6 +872,14 @@ fn verdict(target: &Summary, timed: &Summary, unprofiled_round_trip_ns: f64) -> 
             bpf_ns / 1e3,
             unprofiled_round_trip_ns / 1e3,
             implied_slowdown_percent(bpf_ns, unprofiled_round_trip_ns)
+        );
+    }
+    if let Some((floor_median, floor_low, floor_high)) = floor.slowdown_range() {
+        let _ = write!(
+            text,
+            " The same tracepoints with programs that return at once cost {floor_median:.1}% \
+             (per round {floor_low:.1}% … {floor_high:.1}%): the floor of hooking every \
+             context switch on this machine, before the programs do any work."
         );
     }
     text
