@@ -75,6 +75,8 @@ struct Config {
     record_args: Option<&'static [&'static str]>,
     /// Whether the kernel times BPF runs during the round.
     bpf_stats: bool,
+    /// Whether the agent records anything (the floor's programs do not).
+    records: bool,
 }
 
 const CONFIGS: [Config; 7] = [
@@ -82,37 +84,44 @@ const CONFIGS: [Config; 7] = [
         label: "off",
         record_args: None,
         bpf_stats: false,
+        records: true,
     },
     Config {
         label: "`--off-cpu` (min 1ms), bpf_stats off",
         record_args: Some(&[]),
         bpf_stats: false,
+        records: true,
     },
     Config {
         label: "`--off-cpu` (min 1ms), bpf_stats on",
         record_args: Some(&[]),
         bpf_stats: true,
+        records: true,
     },
     Config {
         label: "`--off-cpu --off-cpu-max-rate 0` (every switch followed), bpf_stats off",
         record_args: Some(&["--off-cpu-max-rate", "0"]),
         bpf_stats: false,
+        records: true,
     },
     Config {
         label: "`--off-cpu --off-cpu-min 0`, bpf_stats on",
         record_args: Some(&["--off-cpu-min", "0"]),
         bpf_stats: true,
+        records: true,
     },
     Config {
         label:
             "`--off-cpu` with the `sys_exit` fallback (kernels without `rseq_update`), bpf_stats on",
         record_args: Some(&["--off-cpu-syscall-exit"]),
         bpf_stats: true,
+        records: true,
     },
     Config {
         label: "floor: `--off-cpu` programs attached but returning at once, bpf_stats off",
         record_args: Some(&["--off-cpu-empty-programs"]),
         bpf_stats: false,
+        records: false,
     },
 ];
 /// Index in `CONFIGS` of the unprofiled baseline.
@@ -274,7 +283,7 @@ fn measure_round(
         parse_ping_pong(&String::from_utf8_lossy(&output.stdout))?;
 
     let followed_share = match agent {
-        Some(agent) => agent.stop()?,
+        Some(agent) => agent.stop(config.records)?,
         None => None,
     };
     let seconds = after.at.duration_since(before.at).as_secs_f64();
@@ -484,11 +493,11 @@ impl Agent {
         })
     }
 
-    /// Stops the agent with SIGINT, as Ctrl-C would; it must write its
-    /// output and exit 0.
-    /// Stops the agent; the share of switch-outs it followed over its
-    /// whole run, from its summary line, if it printed one.
-    fn stop(mut self) -> Result<Option<f64>> {
+    /// Stops the agent with SIGINT, as Ctrl-C would; it must exit 0 and,
+    /// when it `records`, write a profile. Returns the share of
+    /// switch-outs it followed over its whole run, from its summary line,
+    /// if it printed one.
+    fn stop(mut self, records: bool) -> Result<Option<f64>> {
         // SAFETY: kill(2) on our own, not yet reaped, child.
         unsafe { libc::kill(self.pid(), libc::SIGINT) };
         let deadline = Instant::now() + STOP_TIMEOUT;
@@ -509,7 +518,7 @@ impl Agent {
             bail!("hearth record exited with {status}: {}", self.log_text());
         }
         let written = std::fs::metadata(&self.output).map_or(0, |m| m.len());
-        if written == 0 {
+        if records && written == 0 {
             bail!(
                 "hearth record wrote no profile to {}: {}",
                 self.output.display(),
