@@ -257,6 +257,116 @@ fn gate_add(task: *const task_struct, delta: u32) {
     }
 }
 
+/// Non-zero: waits are finished by a BPF task work queued for the thread
+/// (kernels with `bpf_task_work_schedule_resume_impl`), and neither
+/// `rseq_update` nor `sys_exit` is attached.
+#[unsafe(no_mangle)]
+pub static OFF_CPU_TASK_WORK: u8 = 0;
+
+#[inline(always)]
+fn task_work() -> bool {
+    unsafe { core::ptr::read_volatile(&OFF_CPU_TASK_WORK) != 0 }
+}
+
+/// The kernel's `struct bpf_task_work`: the verifier finds it by name in
+/// the BTF of the map value.
+#[allow(non_camel_case_types)]
+#[repr(C, align(8))]
+pub struct bpf_task_work {
+    opaque: u64,
+}
+
+/// A finished wait whose user stack is walked when the thread returns to
+/// user mode.
+#[repr(C)]
+pub struct WalkOnReturn {
+    wait: Wait,
+    pid_tgid: u64,
+    work: bpf_task_work,
+}
+
+#[btf_map]
+static OFF_CPU_WALKS: aya_ebpf::btf_maps::HashMap<u32, WalkOnReturn, 4096> =
+    aya_ebpf::btf_maps::HashMap::new();
+
+/// Stands for the kfunc `bpf_task_work_schedule_resume_impl` in the object
+/// file; userspace rewrites the call into a kfunc call before loading.
+const TASK_WORK_RESUME_PLACEHOLDER: usize = 0x7e57_0001;
+
+type TaskWorkResume = unsafe extern "C" fn(
+    *mut task_struct,
+    *mut bpf_task_work,
+    *mut core::ffi::c_void,
+    *mut core::ffi::c_void,
+    *mut core::ffi::c_void,
+) -> i64;
+
+/// Queues the walk of `next`'s user stack for its return to user mode.
+#[inline(always)]
+fn walk_on_return(next: *mut task_struct, wait: &Wait, pid_tgid: u64) -> Result<(), Stat> {
+    let tid = pid_tgid as u32;
+    let entry = WalkOnReturn {
+        wait: *wait,
+        pid_tgid,
+        work: bpf_task_work { opaque: 0 },
+    };
+    OFF_CPU_WALKS
+        .insert(&tid, &entry, 0)
+        .map_err(|_| Stat::OffCpuPendingReplaced)?;
+    let value = OFF_CPU_WALKS
+        .get_ptr_mut(&tid)
+        .ok_or(Stat::MapLookupFailed)?;
+    // SAFETY: the placeholder is rewritten into the kfunc call by userspace
+    // (see the loader); its arguments are the kfunc's.
+    let schedule: TaskWorkResume = unsafe { core::mem::transmute(TASK_WORK_RESUME_PLACEHOLDER) };
+    let queued = unsafe {
+        schedule(
+            next,
+            &raw mut (*value).work,
+            core::ptr::from_ref(&OFF_CPU_WALKS).cast_mut().cast(),
+            walk_callback as *const () as *mut core::ffi::c_void,
+            core::ptr::null_mut(),
+        )
+    };
+    if queued != 0 {
+        return Err(Stat::OffCpuPendingStale);
+    }
+    Ok(())
+}
+
+/// Runs in the thread's context on its way back to user mode.
+unsafe extern "C" fn walk_callback(
+    _map: *mut core::ffi::c_void,
+    key: *mut core::ffi::c_void,
+    value: *mut core::ffi::c_void,
+) -> i32 {
+    let entry = unsafe { &*(value as *const WalkOnReturn) };
+    let mut wait = entry.wait;
+    let pid_tgid = entry.pid_tgid;
+    let tid = unsafe { *(key as *const u32) };
+    // SAFETY: no preconditions; a trusted task pointer.
+    let task = unsafe { bpf_get_current_task_btf() };
+    if let Some(regs) = unsafe { task_user_regs(task) } {
+        let hash = walk_user_stack(&regs, SCRATCH_SYSCALL_EXIT, regs.orig_ax >= 0);
+        let now = unsafe { bpf_ktime_get_ns() };
+        let comm = bpf_get_current_comm().unwrap_or([0; 16]);
+        let recorded = with_window(|w| {
+            if hash != 0 && store_stack(hash, SCRATCH_SYSCALL_EXIT, w.stacks) {
+                wait.user_stack = hash;
+            } else {
+                count(Stat::DropUserStackFull);
+            }
+            record_wait(&wait, pid_tgid, &comm, now, w)
+        });
+        match recorded {
+            Ok(()) => count(Stat::OffCpuRecorded),
+            Err(stat) => count(stat),
+        }
+    }
+    let _ = OFF_CPU_WALKS.remove(&tid);
+    0
+}
+
 /// `bpf_ktime_get_ns`, read at most once per program run and only when
 /// needed: it costs as much as the rest of a skipped switch.
 struct Clock(u64);
@@ -491,7 +601,10 @@ fn try_switch_out(ctx: &BtfTracePointContext, clock: &mut Clock) -> Result<(), S
     // restartable sequences is the exception when nothing else will run in
     // its context before it resumes (preempted, or without `sys_exit`
     // attached): its stack is walked now.
-    if state.thread_flags & THREAD_RSEQ != 0 || (!involuntary && syscall_exit_attached()) {
+    if task_work()
+        || state.thread_flags & THREAD_RSEQ != 0
+        || (!involuntary && syscall_exit_attached())
+    {
         state.started = wait;
         state.pid_tgid = pid_tgid;
         gate_take(task, state);
@@ -575,7 +688,7 @@ fn end_wait(
         return Err(Stat::OffCpuStartStale);
     }
     count(Stat::OffCpuWoken);
-    if state.thread_flags & THREAD_RSEQ == 0 {
+    if !task_work() && state.thread_flags & THREAD_RSEQ == 0 {
         // Whether it comes back through `rseq_update` is learnt there.
         check_later(state.pid_tgid as u32);
     }
@@ -601,7 +714,7 @@ fn end_wait(
             }
             // In user mode (preempted there, or asleep in a page fault),
             // and back there through `rseq_update`.
-            Some(regs) if regs.ip != 0 && state.thread_flags & THREAD_RSEQ != 0 => {
+            Some(regs) if regs.ip != 0 && (task_work() || state.thread_flags & THREAD_RSEQ != 0) => {
                 wait.flags |= WAIT_USER_MODE;
             }
             // A page fault of a thread without restartable sequences: its
@@ -617,6 +730,11 @@ fn end_wait(
     }
     if wait.flags & (WAIT_IN_SYSCALL | WAIT_USER_MODE) != 0 {
         wait.blocked_stack = with_window(|w| Ok(blocked_kernel_stack(next, w)))?;
+        if task_work() {
+            walk_on_return(next, &wait, state.pid_tgid)?;
+            count(Stat::OffCpuDeferred);
+            return Ok(());
+        }
         defer(state, wait);
         count(Stat::OffCpuDeferred);
         return Ok(());

@@ -197,10 +197,18 @@ impl Sampler {
         // after every switch; `sys_exit`, which runs on every system call,
         // only elsewhere.
         let btf = Btf::from_sys_fs().map_err(BpfError::Btf)?;
+        let task_work_id = btf
+            .id_by_type_name_kind("bpf_task_work_schedule_resume_impl", BtfKind::Func)
+            .ok()
+            .filter(|_| std::env::var_os("HEARTH_SPIKE_TASK_WORK").is_some());
+        let use_task_work = opts.off_cpu.is_some() && !off_cpu.force_syscall_exit && task_work_id.is_some();
         let use_rseq = opts.off_cpu.is_some()
             && !off_cpu.force_syscall_exit
+            && !use_task_work
             && rseq_update_follows_every_switch(&btf);
-        let syscall_exit = u8::from(!use_rseq);
+        let task_work_flag = u8::from(use_task_work);
+        loader.override_global("OFF_CPU_TASK_WORK", &task_work_flag, true);
+        let syscall_exit = u8::from(!use_rseq && !use_task_work);
         loader.override_global(names::OFF_CPU_SYSCALL_EXIT, &syscall_exit, true);
         let empty = u8::from(off_cpu.empty_programs);
         loader.override_global(names::OFF_CPU_EMPTY, &empty, true);
@@ -211,7 +219,8 @@ impl Sampler {
             loader.map_max_entries(names::UNWIND_ROWS, rows);
             loader.map_max_entries(names::UNWIND_PAGES, pages);
         }
-        let mut ebpf = loader.load(EBPF_OBJECT)?;
+        let object = patch_task_work_call(EBPF_OBJECT, task_work_id.filter(|_| use_task_work));
+        let mut ebpf = loader.load(object.as_bytes())?;
 
         let mut cgroups: Option<BpfHashMap<MapData, u64, u8>> = None;
         if filter_flags & FILTER_CGROUPS != 0 {
@@ -277,7 +286,12 @@ impl Sampler {
             } else {
                 OFF_CPU_SYSCALL_EXIT_PROGRAM
             };
-            for (name, tracepoint) in [OFF_CPU_SWITCH_PROGRAM, (exit_name, exit_tracepoint)] {
+            let programs: &[(&str, &str)] = if use_task_work {
+                &[OFF_CPU_SWITCH_PROGRAM]
+            } else {
+                &[OFF_CPU_SWITCH_PROGRAM, (exit_name, exit_tracepoint)]
+            };
+            for &(name, tracepoint) in programs {
                 let program = btf_tracepoint(&mut ebpf, name)?;
                 program
                     .load(tracepoint, &btf)
@@ -555,4 +569,37 @@ pub(super) fn set_active_window(ebpf: &mut Ebpf, window: u32) -> Result<(), BpfE
     control
         .set(CONTROL_ACTIVE_WINDOW, window, 0)
         .map_err(map_error(names::CONTROL))
+}
+
+/// The object, 8-byte aligned, with its task-work placeholder calls
+/// rewritten into kfunc calls to BTF id `id`.
+struct AlignedObject(Vec<u64>, usize);
+
+impl AlignedObject {
+    fn as_bytes(&self) -> &[u8] {
+        // SAFETY: a Vec<u64> holds at least `self.1` initialised bytes.
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast::<u8>(), self.1) }
+    }
+}
+
+fn patch_task_work_call(object: &[u8], id: Option<u32>) -> AlignedObject {
+    let mut words = vec![0u64; object.len().div_ceil(8)];
+    // SAFETY: the buffer holds at least object.len() bytes.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), object.len()) };
+    bytes.copy_from_slice(object);
+    if let Some(id) = id {
+        const PLACEHOLDER: [u8; 8] = [0x85, 0x00, 0x00, 0x00, 0x01, 0x00, 0x57, 0x7e];
+        let mut patched = 0;
+        let mut at = 0;
+        while at + 8 <= bytes.len() {
+            if bytes[at..at + 8] == PLACEHOLDER {
+                bytes[at + 1] = 0x20; // src_reg = BPF_PSEUDO_KFUNC_CALL
+                bytes[at + 4..at + 8].copy_from_slice(&id.to_le_bytes());
+                patched += 1;
+            }
+            at += 8;
+        }
+        tracing::info!(patched, id, "task work kfunc calls");
+    }
+    AlignedObject(words, object.len())
 }
