@@ -268,6 +268,10 @@ pub enum Stat {
     /// A deferred wait reached a system call exit of another call (the
     /// programs were re-attached in between): dropped.
     OffCpuPendingStale,
+    /// A finished wait could not be handed to a task work for its thread's
+    /// return to user mode (one already queued for the thread, a full map,
+    /// or the kernel refused): lost.
+    OffCpuTaskWorkFailed,
     /// User stacks walked with unwind tables (the process's mappings are
     /// loaded); the others are walked through frame pointers only. The
     /// `Unwind*` counters below count walks with tables on (`--unwind
@@ -337,6 +341,7 @@ impl Stat {
         Stat::OffCpuUserLeafOnly,
         Stat::OffCpuEagerWalks,
         Stat::OffCpuPendingStale,
+        Stat::OffCpuTaskWorkFailed,
         Stat::UnwindTableWalks,
         Stat::UnwindEndOfStack,
         Stat::UnwindStopAnonymous,
@@ -386,6 +391,7 @@ impl Stat {
             Stat::OffCpuUserLeafOnly => "off_cpu_user_leaf_only",
             Stat::OffCpuEagerWalks => "off_cpu_eager_walks",
             Stat::OffCpuPendingStale => "off_cpu_pending_stale",
+            Stat::OffCpuTaskWorkFailed => "off_cpu_task_work_failed",
             Stat::UnwindTableWalks => "unwind_table_walks",
             Stat::UnwindEndOfStack => "unwind_end_of_stack",
             Stat::UnwindStopAnonymous => "unwind_stop_anonymous",

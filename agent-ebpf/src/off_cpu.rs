@@ -58,7 +58,7 @@
 //! program from 1.2 µs to about 0.3 µs per run.
 
 use aya_ebpf::{
-    bindings::task_struct,
+    bindings::{task_struct, BPF_NOEXIST},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task_btf,
         bpf_get_prandom_u32, bpf_ktime_get_ns, generated::bpf_get_task_stack,
@@ -301,25 +301,45 @@ type TaskWorkResume = unsafe extern "C" fn(
     *mut core::ffi::c_void,
 ) -> i64;
 
-/// Queues the walk of `next`'s user stack for its return to user mode.
+/// Hands a finished wait of `next`, a thread in a system call or
+/// preempted in user mode, to a task work that walks its user stack when
+/// it returns to user mode. A wait already queued for the thread (it
+/// blocked again on the way) absorbs this one when both blocked in the
+/// same place; otherwise this one is lost, counted.
 #[inline(always)]
 fn walk_on_return(next: *mut task_struct, wait: &Wait, pid_tgid: u64) -> Result<(), Stat> {
     let tid = pid_tgid as u32;
+    if let Some(queued) = OFF_CPU_WALKS.get_ptr_mut(&tid) {
+        // SAFETY: a live value of the map.
+        let queued = unsafe { &mut (*queued).wait };
+        if queued.epoch == wait.epoch
+            && queued.syscall == wait.syscall
+            && queued.blocked_stack == wait.blocked_stack
+        {
+            queued.time_ns += wait.time_ns;
+            count(Stat::OffCpuPendingMerged);
+            return Ok(());
+        }
+        return Err(Stat::OffCpuTaskWorkFailed);
+    }
     let entry = WalkOnReturn {
         wait: *wait,
         pid_tgid,
         work: bpf_task_work { opaque: 0 },
     };
     OFF_CPU_WALKS
-        .insert(&tid, &entry, 0)
-        .map_err(|_| Stat::OffCpuPendingReplaced)?;
+        .insert(&tid, &entry, BPF_NOEXIST as u64)
+        .map_err(|_| Stat::OffCpuTaskWorkFailed)?;
     let value = OFF_CPU_WALKS
         .get_ptr_mut(&tid)
-        .ok_or(Stat::MapLookupFailed)?;
-    // SAFETY: the placeholder is rewritten into the kfunc call by userspace
-    // (see the loader); its arguments are the kfunc's.
-    let schedule: TaskWorkResume = unsafe { core::mem::transmute(TASK_WORK_RESUME_PLACEHOLDER) };
+        .ok_or(Stat::OffCpuTaskWorkFailed)?;
+    // SAFETY: userspace rewrites this call into one of the kfunc
+    // `bpf_task_work_schedule_resume_impl` (see the loader), whose
+    // arguments these are: a trusted task, the work inside a value of the
+    // map given, a static callback, and the program's aux (the verifier
+    // fills it in).
     let queued = unsafe {
+        let schedule: TaskWorkResume = core::mem::transmute(TASK_WORK_RESUME_PLACEHOLDER);
         schedule(
             next,
             &raw mut (*value).work,
@@ -329,42 +349,57 @@ fn walk_on_return(next: *mut task_struct, wait: &Wait, pid_tgid: u64) -> Result<
         )
     };
     if queued != 0 {
-        return Err(Stat::OffCpuPendingStale);
+        let _ = OFF_CPU_WALKS.remove(&tid);
+        return Err(Stat::OffCpuTaskWorkFailed);
     }
+    control_add(CONTROL_OFF_CPU_PENDING, 1);
     Ok(())
 }
 
-/// Runs in the thread's context on its way back to user mode.
+/// The task work queued by [`walk_on_return`], run by the kernel in the
+/// thread's own context on its way back to user mode: its user stack is
+/// the one it blocked with.
 unsafe extern "C" fn walk_callback(
     _map: *mut core::ffi::c_void,
     key: *mut core::ffi::c_void,
     value: *mut core::ffi::c_void,
 ) -> i32 {
-    let entry = unsafe { &*(value as *const WalkOnReturn) };
-    let mut wait = entry.wait;
-    let pid_tgid = entry.pid_tgid;
-    let tid = unsafe { *(key as *const u32) };
-    // SAFETY: no preconditions; a trusted task pointer.
-    let task = unsafe { bpf_get_current_task_btf() };
-    if let Some(regs) = unsafe { task_user_regs(task) } {
-        let hash = walk_user_stack(&regs, SCRATCH_SYSCALL_EXIT, regs.orig_ax >= 0);
-        let now = unsafe { bpf_ktime_get_ns() };
-        let comm = bpf_get_current_comm().unwrap_or([0; 16]);
-        let recorded = with_window(|w| {
-            if hash != 0 && store_stack(hash, SCRATCH_SYSCALL_EXIT, w.stacks) {
-                wait.user_stack = hash;
-            } else {
-                count(Stat::DropUserStackFull);
-            }
-            record_wait(&wait, pid_tgid, &comm, now, w)
-        });
-        match recorded {
-            Ok(()) => count(Stat::OffCpuRecorded),
-            Err(stat) => count(stat),
-        }
+    // SAFETY: the kernel passes the key and value of the queued entry.
+    let (tid, entry) = unsafe { (*(key as *const u32), &*(value as *const WalkOnReturn)) };
+    let (wait, pid_tgid) = (entry.wait, entry.pid_tgid);
+    match record_walked(wait, pid_tgid) {
+        Ok(()) => count(Stat::OffCpuRecorded),
+        Err(stat) => count(stat),
     }
     let _ = OFF_CPU_WALKS.remove(&tid);
     0
+}
+
+#[inline(always)]
+fn record_walked(mut wait: Wait, pid_tgid: u64) -> Result<(), Stat> {
+    if wait.epoch != control(CONTROL_OFF_CPU_EPOCH) {
+        // Userspace reset the pending count when it changed the epoch.
+        return Err(Stat::OffCpuPendingStale);
+    }
+    control_add(CONTROL_OFF_CPU_PENDING, u32::MAX);
+    // SAFETY: no preconditions; a trusted task pointer.
+    let task = unsafe { bpf_get_current_task_btf() };
+    // SAFETY: the current task is a valid task pointer.
+    let regs = unsafe { task_user_regs(task) }.ok_or(Stat::OffCpuPendingStale)?;
+    // At a system call, or preempted in user mode: the thread may be
+    // inside a C library wrapper.
+    let hash = walk_user_stack(&regs, SCRATCH_SYSCALL_EXIT, regs.orig_ax >= 0);
+    let comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    with_window(|w| {
+        if hash != 0 && store_stack(hash, SCRATCH_SYSCALL_EXIT, w.stacks) {
+            wait.user_stack = hash;
+        } else {
+            count(Stat::DropUserStackFull);
+        }
+        record_wait(&wait, pid_tgid, &comm, now, w)
+    })
 }
 
 /// `bpf_ktime_get_ns`, read at most once per program run and only when
@@ -714,7 +749,9 @@ fn end_wait(
             }
             // In user mode (preempted there, or asleep in a page fault),
             // and back there through `rseq_update`.
-            Some(regs) if regs.ip != 0 && (task_work() || state.thread_flags & THREAD_RSEQ != 0) => {
+            Some(regs)
+                if regs.ip != 0 && (task_work() || state.thread_flags & THREAD_RSEQ != 0) =>
+            {
                 wait.flags |= WAIT_USER_MODE;
             }
             // A page fault of a thread without restartable sequences: its

@@ -109,6 +109,7 @@ impl BpfStats {
         self.get(Stat::OffCpuPendingReplaced)
             + self.get(Stat::OffCpuDropCountsFull)
             + self.get(Stat::OffCpuPendingStale)
+            + self.get(Stat::OffCpuTaskWorkFailed)
     }
 
     /// (name, value) for every counter.
