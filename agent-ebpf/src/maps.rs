@@ -429,7 +429,17 @@ pub fn store_stack(hash: u64, slot: u32, stacks: &HashMap<u64, Stack>) -> bool {
         return false;
     };
     // SAFETY: per-CPU scratch slot filled on this run.
-    match stacks.insert(hash, unsafe { &*stack }, BPF_NOEXIST as u64) {
+    store_stack_from(hash, unsafe { &*stack }, stacks)
+}
+
+/// Stores `stack` under `hash` unless the window has it already. False
+/// when the map is full.
+#[inline(always)]
+pub fn store_stack_from(hash: u64, stack: &Stack, stacks: &HashMap<u64, Stack>) -> bool {
+    if stacks.get_ptr(hash).is_some() {
+        return true;
+    }
+    match stacks.insert(hash, stack, BPF_NOEXIST as u64) {
         Ok(()) => true,
         // EEXIST: another CPU stored the same stack meanwhile.
         Err(e) if e == -EEXIST => true,

@@ -69,17 +69,20 @@ use aya_ebpf::{
 };
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 use hearth_ebpf::{
-    SampleKey, Stat, CONTROL_OFF_CPU_EPOCH, CONTROL_OFF_CPU_PENDING, MAX_USER_FRAMES,
+    SampleKey, Stack, Stat, CONTROL_OFF_CPU_EPOCH, CONTROL_OFF_CPU_PENDING, MAX_USER_FRAMES,
     SAMPLE_INVOLUNTARY, SAMPLE_OFF_CPU, STACK_KERNEL, STACK_TRUNCATED,
 };
 
 use crate::maps::{
     add, add_count, control, control_add, count, filtered_out, off_cpu_empty, off_cpu_max_rate,
-    off_cpu_min_ns, off_cpu_sample_below, store_stack, syscall_exit_attached, with_window,
-    TaskStorage, Window, SCRATCH_STACK, SCRATCH_SWITCH_KERNEL, SCRATCH_SWITCH_USER,
+    off_cpu_min_ns, off_cpu_sample_below, store_stack, store_stack_from, syscall_exit_attached,
+    with_window, TaskStorage, Window, SCRATCH_STACK, SCRATCH_SWITCH_KERNEL, SCRATCH_SWITCH_USER,
     SCRATCH_SYSCALL_EXIT,
 };
-use crate::stack::{hash_stack, task_user_regs, walk_user_stack, UserRegs, KERNEL_SEED, USER_SEED};
+use crate::stack::{
+    hash_stack, task_user_regs, walk_user_stack, walk_user_stack_into, UserRegs, KERNEL_SEED,
+    USER_SEED,
+};
 
 /// `prev_state` of a task leaving the CPU for the last time.
 const TASK_DEAD: u64 = 0x80;
@@ -277,17 +280,27 @@ pub struct bpf_task_work {
 }
 
 /// A finished wait whose user stack is walked when the thread returns to
-/// user mode.
+/// user mode, into `stack`: the task work runs preemptible, so another
+/// thread's walk may run on the same CPU in the middle of this one, and a
+/// per-CPU scratch buffer would be shared between them.
 #[repr(C)]
 pub struct WalkOnReturn {
     wait: Wait,
     pid_tgid: u64,
     work: bpf_task_work,
+    stack: Stack,
 }
 
+/// Walks queued, by thread id. Each lives from the thread's switch-in to
+/// its return to user mode, so few are queued at once.
 #[btf_map]
-static OFF_CPU_WALKS: aya_ebpf::btf_maps::HashMap<u32, WalkOnReturn, 4096> =
+static OFF_CPU_WALKS: aya_ebpf::btf_maps::HashMap<u32, WalkOnReturn, 1024> =
     aya_ebpf::btf_maps::HashMap::new();
+
+/// Per CPU: an entry for [`OFF_CPU_WALKS`] is filled in here, as it is too
+/// big for the BPF stack.
+#[map]
+static WALK_TEMPLATE: PerCpuArray<WalkOnReturn> = PerCpuArray::with_max_entries(1, 0);
 
 /// Stands for the kfunc `bpf_task_work_schedule_resume_impl` in the object
 /// file; userspace rewrites the call into a kfunc call before loading.
@@ -322,13 +335,13 @@ fn walk_on_return(next: *mut task_struct, wait: &Wait, pid_tgid: u64) -> Result<
         }
         return Err(Stat::OffCpuTaskWorkFailed);
     }
-    let entry = WalkOnReturn {
-        wait: *wait,
-        pid_tgid,
-        work: bpf_task_work { opaque: 0 },
-    };
+    let template = WALK_TEMPLATE.get_ptr_mut(0).ok_or(Stat::MapLookupFailed)?;
+    // SAFETY: per-CPU slot; sched_switch runs with interrupts off.
+    let template = unsafe { &mut *template };
+    template.wait = *wait;
+    template.pid_tgid = pid_tgid;
     OFF_CPU_WALKS
-        .insert(&tid, &entry, BPF_NOEXIST as u64)
+        .insert(&tid, template, BPF_NOEXIST as u64)
         .map_err(|_| Stat::OffCpuTaskWorkFailed)?;
     let value = OFF_CPU_WALKS
         .get_ptr_mut(&tid)
@@ -365,9 +378,8 @@ unsafe extern "C" fn walk_callback(
     value: *mut core::ffi::c_void,
 ) -> i32 {
     // SAFETY: the kernel passes the key and value of the queued entry.
-    let (tid, entry) = unsafe { (*(key as *const u32), &*(value as *const WalkOnReturn)) };
-    let (wait, pid_tgid) = (entry.wait, entry.pid_tgid);
-    match record_walked(wait, pid_tgid) {
+    let (tid, entry) = unsafe { (*(key as *const u32), &mut *(value as *mut WalkOnReturn)) };
+    match record_walked(entry) {
         Ok(()) => count(Stat::OffCpuRecorded),
         Err(stat) => count(stat),
     }
@@ -376,7 +388,9 @@ unsafe extern "C" fn walk_callback(
 }
 
 #[inline(always)]
-fn record_walked(mut wait: Wait, pid_tgid: u64) -> Result<(), Stat> {
+fn record_walked(entry: &mut WalkOnReturn) -> Result<(), Stat> {
+    let mut wait = entry.wait;
+    let pid_tgid = entry.pid_tgid;
     if wait.epoch != control(CONTROL_OFF_CPU_EPOCH) {
         // Userspace reset the pending count when it changed the epoch.
         return Err(Stat::OffCpuPendingStale);
@@ -388,12 +402,13 @@ fn record_walked(mut wait: Wait, pid_tgid: u64) -> Result<(), Stat> {
     let regs = unsafe { task_user_regs(task) }.ok_or(Stat::OffCpuPendingStale)?;
     // At a system call, or preempted in user mode: the thread may be
     // inside a C library wrapper.
-    let hash = walk_user_stack(&regs, SCRATCH_SYSCALL_EXIT, regs.orig_ax >= 0);
+    let hash = walk_user_stack_into(&regs, &raw mut entry.stack, regs.orig_ax >= 0);
     let comm = bpf_get_current_comm().unwrap_or([0; 16]);
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
+    let stack = &entry.stack;
     with_window(|w| {
-        if hash != 0 && store_stack(hash, SCRATCH_SYSCALL_EXIT, w.stacks) {
+        if hash != 0 && store_stack_from(hash, stack, w.stacks) {
             wait.user_stack = hash;
         } else {
             count(Stat::DropUserStackFull);

@@ -198,6 +198,17 @@ fn follows_call(candidate: u64, sp: u64) -> u64 {
 /// frame-pointer walker below.
 #[inline(always)]
 pub fn walk_user_stack(regs: &UserRegs, slot: u32, at_syscall: bool) -> u64 {
+    let Some(stack) = SCRATCH_STACK.get_ptr_mut(slot) else {
+        count(Stat::MapLookupFailed);
+        return 0;
+    };
+    walk_user_stack_into(regs, stack, at_syscall)
+}
+
+/// [`walk_user_stack`] into a buffer of the caller's own, for a walk that
+/// may be preempted by another using the same scratch slot (a task work).
+#[inline(always)]
+pub fn walk_user_stack_into(regs: &UserRegs, stack: *mut Stack, at_syscall: bool) -> u64 {
     if unwind_tables() {
         let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
         // SAFETY: a plain-data value the map returned, copied at once.
@@ -213,19 +224,15 @@ pub fn walk_user_stack(regs: &UserRegs, slot: u32, at_syscall: bool) -> u64 {
                 leaf_hint = frameless_return_address(regs.sp);
             }
         }
-        return crate::unwind::walk_with_tables(regs, slot, process, leaf_hint);
+        return crate::unwind::walk_with_tables(regs, stack, process, leaf_hint);
     }
-    walk_frame_pointers(regs, slot, at_syscall)
+    walk_frame_pointers(regs, stack, at_syscall)
 }
 
 /// Walks frame pointers; see [`walk_user_stack`].
 #[inline(always)]
-fn walk_frame_pointers(regs: &UserRegs, slot: u32, at_syscall: bool) -> u64 {
-    let Some(stack) = SCRATCH_STACK.get_ptr_mut(slot) else {
-        count(Stat::MapLookupFailed);
-        return 0;
-    };
-    // SAFETY: per-CPU scratch slot, not shared with anyone while we run.
+fn walk_frame_pointers(regs: &UserRegs, stack: *mut Stack, at_syscall: bool) -> u64 {
+    // SAFETY: the caller's buffer, not shared with anyone while we run.
     let stack = unsafe { &mut *stack };
     stack.ips[0] = regs.ip;
     stack.flags = 0;

@@ -25,7 +25,7 @@ use hearth_ebpf::{
     UNWIND_MAPPING_TABLE, UNWIND_MAX_MAPPINGS, UNWIND_PAGE_SHIFT, UNWIND_ROW_SEARCH_STEPS,
 };
 
-use crate::maps::{count, SCRATCH_STACK, UNWIND_FILES, UNWIND_MAPPINGS, UNWIND_PAGES, UNWIND_ROWS};
+use crate::maps::{count, UNWIND_FILES, UNWIND_MAPPINGS, UNWIND_PAGES, UNWIND_ROWS};
 use crate::stack::{frameless_return_address, mix, nonzero, UserRegs, USER_SEED};
 
 /// The walk's registers and output, shared with the per-frame callback.
@@ -54,8 +54,7 @@ struct Walk {
 }
 
 /// Walks the current task's user stack from `regs` with the tables of
-/// `process` into scratch slot `slot`; returns the stack's hash (never 0),
-/// or 0 when the scratch slot is missing.
+/// `process` into `stack`; returns the stack's hash (never 0).
 ///
 /// A process without tables (`process.len` 0: not loaded yet, or nothing
 /// a table helps with) is walked the same way, every frame through its
@@ -64,15 +63,16 @@ struct Walk {
 /// takes. `leaf_hint`: the interrupted function's caller, when the
 /// caller found it (see `syscall_caller`), else 0.
 #[inline(always)]
-pub fn walk_with_tables(regs: &UserRegs, slot: u32, process: UnwindProc, leaf_hint: u64) -> u64 {
-    let Some(stack) = SCRATCH_STACK.get_ptr_mut(slot) else {
-        count(Stat::MapLookupFailed);
-        return 0;
-    };
+pub fn walk_with_tables(
+    regs: &UserRegs,
+    stack: *mut Stack,
+    process: UnwindProc,
+    leaf_hint: u64,
+) -> u64 {
     if process.len != 0 {
         count(Stat::UnwindTableWalks);
     }
-    // SAFETY: per-CPU scratch slot, not shared with anyone while we run.
+    // SAFETY: the caller's buffer, not shared with anyone while we run.
     unsafe {
         (*stack).ips[0] = regs.ip;
         (*stack).flags = 0;
