@@ -10,6 +10,11 @@
 /// leaf-most frames and are flagged [`STACK_TRUNCATED`].
 pub const MAX_USER_FRAMES: usize = 127;
 
+/// Helper id the kernel programs call in place of the kfunc
+/// `bpf_task_work_schedule_resume_impl` (aya cannot emit kfunc calls yet);
+/// userspace rewrites those calls before loading.
+pub const TASK_WORK_RESUME_PLACEHOLDER: u32 = 0x7e57_0001;
+
 /// Names of the maps and globals, so userspace never spells them twice.
 pub mod names {
     pub const ON_CPU_PROGRAM: &str = "on_cpu_sample";
@@ -34,6 +39,9 @@ pub mod names {
     /// Global: non-zero makes the off-CPU programs return at once (the
     /// benchmark's floor: the cost of the tracepoints alone).
     pub const OFF_CPU_EMPTY: &str = "OFF_CPU_EMPTY";
+    /// Global: non-zero when waits are finished by a BPF task work on the
+    /// thread's return to user mode (no `rseq_update`/`sys_exit` program).
+    pub const OFF_CPU_TASK_WORK: &str = "OFF_CPU_TASK_WORK";
     pub const CONTROL: &str = "CONTROL";
     pub const STATS: &str = "STATS";
     pub const PID_FILTER: &str = "PID_FILTER";

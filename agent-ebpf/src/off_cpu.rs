@@ -71,6 +71,7 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 use hearth_ebpf::{
     SampleKey, Stack, Stat, CONTROL_OFF_CPU_EPOCH, CONTROL_OFF_CPU_PENDING, MAX_USER_FRAMES,
     SAMPLE_INVOLUNTARY, SAMPLE_OFF_CPU, STACK_KERNEL, STACK_TRUNCATED,
+    TASK_WORK_RESUME_PLACEHOLDER,
 };
 
 use crate::maps::{
@@ -261,13 +262,14 @@ fn gate_add(task: *const task_struct, delta: u32) {
 }
 
 /// Non-zero: waits are finished by a BPF task work queued for the thread
-/// (kernels with `bpf_task_work_schedule_resume_impl`), and neither
-/// `rseq_update` nor `sys_exit` is attached.
+/// (kernels with `bpf_task_work_schedule_resume_impl`, 6.18 and later),
+/// and neither `rseq_update` nor `sys_exit` is attached.
 #[unsafe(no_mangle)]
 pub static OFF_CPU_TASK_WORK: u8 = 0;
 
 #[inline(always)]
 fn task_work() -> bool {
+    // SAFETY: a plain read of read-only data userspace set at load.
     unsafe { core::ptr::read_volatile(&OFF_CPU_TASK_WORK) != 0 }
 }
 
@@ -301,10 +303,6 @@ static OFF_CPU_WALKS: aya_ebpf::btf_maps::HashMap<u32, WalkOnReturn, 1024> =
 /// big for the BPF stack.
 #[map]
 static WALK_TEMPLATE: PerCpuArray<WalkOnReturn> = PerCpuArray::with_max_entries(1, 0);
-
-/// Stands for the kfunc `bpf_task_work_schedule_resume_impl` in the object
-/// file; userspace rewrites the call into a kfunc call before loading.
-const TASK_WORK_RESUME_PLACEHOLDER: usize = 0x7e57_0001;
 
 type TaskWorkResume = unsafe extern "C" fn(
     *mut task_struct,
@@ -352,7 +350,7 @@ fn walk_on_return(next: *mut task_struct, wait: &Wait, pid_tgid: u64) -> Result<
     // map given, a static callback, and the program's aux (the verifier
     // fills it in).
     let queued = unsafe {
-        let schedule: TaskWorkResume = core::mem::transmute(TASK_WORK_RESUME_PLACEHOLDER);
+        let schedule: TaskWorkResume = core::mem::transmute(TASK_WORK_RESUME_PLACEHOLDER as usize);
         schedule(
             next,
             &raw mut (*value).work,

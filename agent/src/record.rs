@@ -202,6 +202,7 @@ pub async fn record(args: &RecordArgs) -> Result<RecordSummary, RecordError> {
             max_rate: settings.max_rate,
             force_syscall_exit: args.off_cpu.off_cpu_syscall_exit,
             empty_programs: args.off_cpu.off_cpu_empty_programs,
+            ..OffCpuOptions::default()
         }),
         pids: args.pids.clone(),
         filter: filter.clone(),

@@ -21,7 +21,7 @@ use hearth_ebpf::{
 };
 
 use super::events::{self, EventCounters, EventMaps, EventThread};
-use super::{map_error, BpfError};
+use super::{kfunc, map_error, BpfError};
 use crate::filter::{FilterHandle, FilterSpec, FilterUpdate};
 use crate::incarnation::ProcessEvent;
 use crate::metadata::ReadOptions;
@@ -44,6 +44,9 @@ pub struct OffCpuOptions {
     /// `rseq_update` tracepoint, even where it exists: for tests and the
     /// benchmark of that fallback.
     pub force_syscall_exit: bool,
+    /// Finish waits through `rseq_update` even where a BPF task work could
+    /// (for tests of that path).
+    pub force_rseq: bool,
     /// Attach the programs, but have them return at once: the cost of the
     /// tracepoints alone, for the benchmark.
     pub empty_programs: bool,
@@ -56,6 +59,7 @@ impl Default for OffCpuOptions {
             sample_probability: 1.0,
             max_rate: crate::config::DEFAULT_OFF_CPU_MAX_RATE,
             force_syscall_exit: false,
+            force_rseq: false,
             empty_programs: false,
         }
     }
@@ -196,18 +200,25 @@ impl Sampler {
         // Threads come back through `rseq_update` where the kernel fires it
         // after every switch; `sys_exit`, which runs on every system call,
         // only elsewhere.
+        // A wait's user stack is walked when its thread returns to user
+        // mode: by a BPF task work queued for the waits worth recording
+        // where the kernel has it (6.18 and later), else by `rseq_update`,
+        // which runs after every switch, else by `sys_exit`, which runs on
+        // every system call.
         let btf = Btf::from_sys_fs().map_err(BpfError::Btf)?;
-        let task_work_id = btf
-            .id_by_type_name_kind("bpf_task_work_schedule_resume_impl", BtfKind::Func)
-            .ok()
-            .filter(|_| std::env::var_os("HEARTH_SPIKE_TASK_WORK").is_some());
-        let use_task_work = opts.off_cpu.is_some() && !off_cpu.force_syscall_exit && task_work_id.is_some();
+        let mut object = kfunc::Object::new(EBPF_OBJECT);
+        let use_task_work = opts.off_cpu.is_some()
+            && !off_cpu.force_syscall_exit
+            && !off_cpu.force_rseq
+            && btf
+                .id_by_type_name_kind(TASK_WORK_KFUNC, BtfKind::Func)
+                .is_ok_and(|id| object.link_task_work(id) > 0);
         let use_rseq = opts.off_cpu.is_some()
             && !off_cpu.force_syscall_exit
             && !use_task_work
             && rseq_update_follows_every_switch(&btf);
-        let task_work_flag = u8::from(use_task_work);
-        loader.override_global("OFF_CPU_TASK_WORK", &task_work_flag, true);
+        let task_work = u8::from(use_task_work);
+        loader.override_global(names::OFF_CPU_TASK_WORK, &task_work, true);
         let syscall_exit = u8::from(!use_rseq && !use_task_work);
         loader.override_global(names::OFF_CPU_SYSCALL_EXIT, &syscall_exit, true);
         let empty = u8::from(off_cpu.empty_programs);
@@ -219,7 +230,6 @@ impl Sampler {
             loader.map_max_entries(names::UNWIND_ROWS, rows);
             loader.map_max_entries(names::UNWIND_PAGES, pages);
         }
-        let object = patch_task_work_call(EBPF_OBJECT, task_work_id.filter(|_| use_task_work));
         let mut ebpf = loader.load(object.as_bytes())?;
 
         let mut cgroups: Option<BpfHashMap<MapData, u64, u8>> = None;
@@ -298,7 +308,7 @@ impl Sampler {
                     .map_err(program_error_of(name))?;
                 off_cpu_programs.push(name);
             }
-            if !use_rseq {
+            if !use_rseq && !use_task_work {
                 tracing::info!(
                     "waits in system calls are taken at sys_exit (no rseq_update tracepoint \
                      that follows every switch), preempted threads' stacks are walked when \
@@ -495,6 +505,10 @@ impl Sampler {
     }
 }
 
+/// The kfunc that queues a BPF task work for a thread's return to user
+/// mode (see agent-ebpf's off_cpu.rs).
+const TASK_WORK_KFUNC: &str = "bpf_task_work_schedule_resume_impl";
+
 /// The off-CPU programs and the BTF tracepoints they attach to.
 const OFF_CPU_SWITCH_PROGRAM: (&str, &str) = (names::OFF_CPU_SWITCH_PROGRAM, "sched_switch");
 
@@ -569,37 +583,4 @@ pub(super) fn set_active_window(ebpf: &mut Ebpf, window: u32) -> Result<(), BpfE
     control
         .set(CONTROL_ACTIVE_WINDOW, window, 0)
         .map_err(map_error(names::CONTROL))
-}
-
-/// The object, 8-byte aligned, with its task-work placeholder calls
-/// rewritten into kfunc calls to BTF id `id`.
-struct AlignedObject(Vec<u64>, usize);
-
-impl AlignedObject {
-    fn as_bytes(&self) -> &[u8] {
-        // SAFETY: a Vec<u64> holds at least `self.1` initialised bytes.
-        unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast::<u8>(), self.1) }
-    }
-}
-
-fn patch_task_work_call(object: &[u8], id: Option<u32>) -> AlignedObject {
-    let mut words = vec![0u64; object.len().div_ceil(8)];
-    // SAFETY: the buffer holds at least object.len() bytes.
-    let bytes = unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), object.len()) };
-    bytes.copy_from_slice(object);
-    if let Some(id) = id {
-        const PLACEHOLDER: [u8; 8] = [0x85, 0x00, 0x00, 0x00, 0x01, 0x00, 0x57, 0x7e];
-        let mut patched = 0;
-        let mut at = 0;
-        while at + 8 <= bytes.len() {
-            if bytes[at..at + 8] == PLACEHOLDER {
-                bytes[at + 1] = 0x20; // src_reg = BPF_PSEUDO_KFUNC_CALL
-                bytes[at + 4..at + 8].copy_from_slice(&id.to_le_bytes());
-                patched += 1;
-            }
-            at += 8;
-        }
-        tracing::info!(patched, id, "task work kfunc calls");
-    }
-    AlignedObject(words, object.len())
 }

@@ -7,6 +7,7 @@
 
 mod drain;
 mod events;
+mod kfunc;
 mod loader;
 mod preflight;
 
@@ -223,13 +224,15 @@ mod tests {
     #[test]
     fn programs_load_with_the_largest_unwind_tables() {
         use crate::unwind::{UnwindMode, MAX_TABLE_MEMORY};
-        // With frame pointers, the off-CPU programs of kernels without the
-        // rseq_update tracepoint, so every program is checked once.
+        // With tables, waits finished at rseq_update; with frame pointers,
+        // the off-CPU programs of kernels without the rseq_update
+        // tracepoint (the task-work path is checked by the other tests).
         let start = |unwind| {
             Sampler::start(&SamplerOptions {
                 frequency_hz: 997,
                 off_cpu: Some(OffCpuOptions {
                     force_syscall_exit: unwind == UnwindMode::Fp,
+                    force_rseq: unwind == UnwindMode::Dwarf,
                     ..OffCpuOptions::default()
                 }),
                 pids: vec![std::process::id()],
@@ -331,16 +334,24 @@ mod tests {
         );
     }
 
-    fn off_cpu_sampler(min: Duration, sample_probability: f64) -> Sampler {
-        off_cpu_sampler_with(min, sample_probability, false)
+    /// How the off-CPU programs finish a wait on its thread's return to
+    /// user mode.
+    #[derive(Clone, Copy, PartialEq)]
+    enum ReturnPath {
+        /// The kernel's best: a BPF task work where it has the kfunc.
+        Auto,
+        /// `rseq_update`, as on kernels before 6.18.
+        Rseq,
+        /// `sys_exit`, as on kernels without the `rseq_update` tracepoint.
+        SyscallExit,
     }
 
-    fn off_cpu_sampler_with(
-        min: Duration,
-        sample_probability: f64,
-        force_syscall_exit: bool,
-    ) -> Sampler {
-        off_cpu_sampler_capped(min, sample_probability, 0, force_syscall_exit)
+    fn off_cpu_sampler(min: Duration, sample_probability: f64) -> Sampler {
+        off_cpu_sampler_with(min, sample_probability, ReturnPath::Auto)
+    }
+
+    fn off_cpu_sampler_with(min: Duration, sample_probability: f64, path: ReturnPath) -> Sampler {
+        off_cpu_sampler_capped(min, sample_probability, 0, path)
     }
 
     /// Off-CPU programs for this process only. `max_rate` 0: no rate cap,
@@ -349,7 +360,7 @@ mod tests {
         min: Duration,
         sample_probability: f64,
         max_rate: u64,
-        force_syscall_exit: bool,
+        path: ReturnPath,
     ) -> Sampler {
         Sampler::start(&SamplerOptions {
             frequency_hz: 0,
@@ -357,7 +368,8 @@ mod tests {
                 min_ns: min.as_nanos() as u64,
                 sample_probability,
                 max_rate,
-                force_syscall_exit,
+                force_syscall_exit: path == ReturnPath::SyscallExit,
+                force_rseq: path == ReturnPath::Rseq,
                 ..OffCpuOptions::default()
             }),
             pids: vec![std::process::id()],
@@ -429,21 +441,28 @@ mod tests {
     /// Every followed switch is accounted for: short waits are counted and
     /// not recorded, long ones are recorded with their time, and the
     /// counters add up with what is still in flight. Waits in system calls
-    /// come back through `rseq_update`.
+    /// are finished the kernel's best way (a BPF task work on 6.18+).
     #[test]
     fn off_cpu_counters_add_up_and_the_minimum_applies() {
-        check_off_cpu_counters(false);
+        check_off_cpu_counters(ReturnPath::Auto);
+    }
+
+    /// The same where waits are finished at `rseq_update`, as on kernels
+    /// without BPF task works.
+    #[test]
+    fn off_cpu_counters_add_up_through_rseq_update() {
+        check_off_cpu_counters(ReturnPath::Rseq);
     }
 
     /// The same where waits in system calls are taken at `sys_exit`, as on
     /// kernels without the `rseq_update` tracepoint.
     #[test]
     fn off_cpu_counters_add_up_with_the_syscall_exit_fallback() {
-        check_off_cpu_counters(true);
+        check_off_cpu_counters(ReturnPath::SyscallExit);
     }
 
-    fn check_off_cpu_counters(force_syscall_exit: bool) {
-        let mut sampler = off_cpu_sampler_with(Duration::from_millis(10), 1.0, force_syscall_exit);
+    fn check_off_cpu_counters(path: ReturnPath) {
+        let mut sampler = off_cpu_sampler_with(Duration::from_millis(10), 1.0, path);
         let short = sleeper(40, Duration::from_millis(2));
         let long = sleeper(15, Duration::from_millis(20));
         let (short, long) = (short.join().unwrap(), long.join().unwrap());
@@ -585,7 +604,8 @@ mod tests {
     #[test]
     fn off_cpu_rate_cap_samples_a_busy_cpu_and_scales_up() {
         const CAP: u64 = 300;
-        let mut sampler = off_cpu_sampler_capped(Duration::from_micros(200), 1.0, CAP, false);
+        let mut sampler =
+            off_cpu_sampler_capped(Duration::from_micros(200), 1.0, CAP, ReturnPath::Auto);
         // SAFETY: no preconditions.
         let cpu = unsafe { libc::sched_getcpu() }.max(0) as usize;
         // About 1,000 switch-outs a second of this thread alone on its CPU:
