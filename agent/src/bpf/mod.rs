@@ -511,8 +511,11 @@ mod tests {
             short_waits <= 4 && short_ns >= short_waits * 10_000_000,
             "2 ms waits recorded: {short_waits} waits, {short_ns} ns: {st:?}"
         );
+        // 15 sleeps; on a loaded machine one may come back preempted for
+        // longer than the minimum (one more wait), or block again inside
+        // the same call before its first wait is recorded (merged).
         let (waits, ns) = blocked(long);
-        assert_eq!(waits, 15, "{st:?}");
+        assert!((14..=16).contains(&waits), "{waits} waits of 15: {st:?}");
         let ms = ns / 1_000_000;
         assert!(
             (300..=400).contains(&ms),

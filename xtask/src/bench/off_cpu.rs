@@ -438,8 +438,8 @@ impl Agent {
     }
 
     /// Waits until the off-CPU programs are attached (their links exist:
-    /// `sched_switch`, and `rseq_update` or `sys_exit`), and notes which
-    /// program is which.
+    /// `sched_switch`, with `rseq_update` or `sys_exit` on kernels without
+    /// BPF task works), and notes which program is which.
     fn wait_until_attached(&mut self) -> Result<()> {
         let started = Instant::now();
         loop {
@@ -450,22 +450,24 @@ impl Agent {
                     self.log_text()
                 );
             }
-            let links = tracepoint_links(self.pid());
-            let sys_exit = links.get("sys_exit").copied();
-            let rseq = links.get("rseq_update").copied();
-            if let Some(&switch) = links.get("sched_switch") {
-                if sys_exit.is_some() || rseq.is_some() {
+            if tracepoint_links(self.pid()).contains_key("sched_switch") {
+                // The agent attaches its off-CPU programs together; where
+                // the kernel has BPF task works, `sched_switch` is the only
+                // one.
+                std::thread::sleep(Duration::from_millis(500));
+                let links = tracepoint_links(self.pid());
+                if let Some(&switch) = links.get("sched_switch") {
                     self.programs = Some(OffCpuPrograms {
                         switch,
-                        sys_exit,
-                        rseq,
+                        sys_exit: links.get("sys_exit").copied(),
+                        rseq: links.get("rseq_update").copied(),
                     });
                     return Ok(());
                 }
             }
             if started.elapsed() > ATTACH_TIMEOUT {
                 bail!(
-                    "hearth record did not attach to sched_switch and rseq_update or sys_exit within {}s: {}",
+                    "hearth record did not attach to sched_switch within {}s: {}",
                     ATTACH_TIMEOUT.as_secs(),
                     self.log_text()
                 );
